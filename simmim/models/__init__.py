@@ -1,0 +1,29 @@
+"""DeiT models with the API and checkpoint layout of Hugging Face Transformers (see `../shared/seeds/`)."""
+
+from simmim.models.configuration import DeiTConfig
+from simmim.models.deit import (
+    BaseModelOutputWithPooling,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    DeiTForImageClassificationWithTeacherOutput,
+    DeiTForMaskedImageModeling,
+    DeiTModel,
+    DeiTPreTrainedModel,
+    ImageClassifierOutput,
+    MaskedImageModelingOutput,
+)
+from simmim.models.image_processor import DeiTImageProcessor
+
+__all__ = [
+    "BaseModelOutputWithPooling",
+    "DeiTConfig",
+    "DeiTForImageClassification",
+    "DeiTForImageClassificationWithTeacher",
+    "DeiTForImageClassificationWithTeacherOutput",
+    "DeiTForMaskedImageModeling",
+    "DeiTImageProcessor",
+    "DeiTModel",
+    "DeiTPreTrainedModel",
+    "ImageClassifierOutput",
+    "MaskedImageModelingOutput",
+]

@@ -1,0 +1,357 @@
+"""Checkpoint formats: Transformers (both key namings), timm DeiT, and simmim's own module names.
+
+simmim's modules use a fused `attention.qkv`; on disk we write Transformers' layout
+(`deit.encoder.layer.N.attention.attention.query.weight`, ...) so `transformers.DeiT*.from_pretrained`
+loads our exports unchanged. Reading accepts that layout, Transformers 5's in-memory names
+(`deit.layers.N.attention.q_proj`), timm's (`blocks.N.attn.qkv`, `pos_embed`, `head_dist`) and ours.
+Only safetensors or `torch.load(weights_only=True)`: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from simmim.models.configuration import CONFIG_NAME, DeiTConfig
+
+logger = logging.getLogger("simmim.models")
+
+WEIGHTS_NAME = "model.safetensors"
+TORCH_WEIGHTS_NAMES = ("pytorch_model.bin", "model.pth", "model.pt")
+NUM_PREFIX_TOKENS = 2  # [CLS, DIST]
+
+# Transformers' per-block names (on disk, v4 and v5 alike) -> ours. q/k/v are fused separately.
+_HF_BLOCK_TO_OURS = {
+    "attention.output.dense.": "attention.o_proj.",
+    "intermediate.dense.": "mlp.fc1.",
+    "output.dense.": "mlp.fc2.",
+}
+# timm's names -> ours ("head." depends on the target class, see `_timm_to_ours`).
+_TIMM_BLOCK_TO_OURS = {
+    "norm1.": "layernorm_before.",
+    "norm2.": "layernorm_after.",
+    "attn.qkv.": "attention.qkv.",
+    "attn.proj.": "attention.o_proj.",
+    "mlp.fc1.": "mlp.fc1.",
+    "mlp.fc2.": "mlp.fc2.",
+}
+_TIMM_TOP_TO_OURS = {
+    "cls_token": "deit.embeddings.cls_token",
+    "dist_token": "deit.embeddings.distillation_token",
+    "pos_embed": "deit.embeddings.position_embeddings",
+    "patch_embed.proj.weight": "deit.embeddings.patch_embeddings.projection.weight",
+    "patch_embed.proj.bias": "deit.embeddings.patch_embeddings.projection.bias",
+    "norm.weight": "deit.layernorm.weight",
+    "norm.bias": "deit.layernorm.bias",
+    "head_dist.weight": "distillation_classifier.weight",
+    "head_dist.bias": "distillation_classifier.bias",
+}
+
+
+# ---------------------------------------------------------------------------------------------- reading files
+def read_state_dict(file: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors or torch file; a broken file raises ValueError naming it."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint file {file} does not exist")
+    try:
+        if file.suffix == ".safetensors":
+            sd: Any = load_file(str(file))
+        else:
+            sd = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors and torch raise several types for truncated or foreign files
+        raise ValueError(f"could not read checkpoint {file}: {type(e).__name__}: {e}") from e
+    # Training checkpoints (DeiT's main.py, timm's train.py) wrap the weights.
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"checkpoint {file} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in sd.items()}  # DDP-wrapped saves
+
+
+def find_weights(path: Path) -> Path:
+    """The weights file of a checkpoint directory."""
+    for name in (WEIGHTS_NAME, *TORCH_WEIGHTS_NAMES):
+        if (path / name).is_file():
+            return path / name
+    if (path / f"{WEIGHTS_NAME}.index.json").is_file():
+        raise ValueError(f"{path} holds a sharded checkpoint; simmim reads single-file checkpoints only")
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} or {TORCH_WEIGHTS_NAMES[0]} in {path}")
+
+
+# ---------------------------------------------------------------------------------------------- key layouts
+def detect_format(sd: dict[str, torch.Tensor]) -> str:
+    """'timm', 'transformers' (either naming) or 'simmim'."""
+    keys = list(sd)
+    if any(k.startswith(("blocks.", "patch_embed.")) or k in ("pos_embed", "cls_token") for k in keys):
+        return "timm"
+    if any(".attention.qkv." in k for k in keys):
+        return "simmim"
+    return "transformers"
+
+
+def _fuse_qkv(
+    parts: dict[str, dict[str, torch.Tensor]], prefix_of: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, qkv in parts.items():
+        missing = {"q", "k", "v"} - set(qkv)
+        if missing:
+            raise ValueError(
+                f"checkpoint has an incomplete attention projection at {key}: missing {sorted(missing)}"
+            )
+        out[prefix_of[key]] = torch.cat([qkv["q"], qkv["k"], qkv["v"]], dim=0)  # (3D, D) or (3D,)
+    return out
+
+
+def _transformers_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Transformers' names (v4 on-disk `encoder.layer.N...query` or v5 `layers.N...q_proj`) -> ours."""
+    block = re.compile(r"^(.*?)(?:encoder\.layer|layers)\.(\d+)\.(.+)$")
+    qkv_names = {
+        "attention.attention.query.": "q",
+        "attention.attention.key.": "k",
+        "attention.attention.value.": "v",
+        "attention.q_proj.": "q",
+        "attention.k_proj.": "k",
+        "attention.v_proj.": "v",
+    }
+    out: dict[str, torch.Tensor] = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    prefix_of: dict[str, str] = {}
+    for key, value in sd.items():
+        m = block.match(key)
+        if not m:
+            out[key] = value
+            continue
+        head, index, rest = m.groups()
+        base = f"{head}layers.{index}."
+        for name, letter in qkv_names.items():
+            if rest.startswith(name):
+                param = rest[len(name) :]  # "weight" or "bias"
+                parts.setdefault(base + param, {})[letter] = value
+                prefix_of[base + param] = f"{base}attention.qkv.{param}"
+                break
+        else:
+            for theirs, ours in _HF_BLOCK_TO_OURS.items():
+                if rest.startswith(theirs):
+                    rest = ours + rest[len(theirs) :]
+                    break
+            out[base + rest] = value
+    out.update(_fuse_qkv(parts, prefix_of))
+    return out
+
+
+def _timm_to_ours(sd: dict[str, torch.Tensor], head_name: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in sd.items():
+        m = re.match(r"^blocks\.(\d+)\.(.+)$", key)
+        if m:
+            index, rest = m.groups()
+            for theirs, ours in _TIMM_BLOCK_TO_OURS.items():
+                if rest.startswith(theirs):
+                    rest = ours + rest[len(theirs) :]
+                    break
+            out[f"deit.layers.{index}.{rest}"] = value
+        elif key in _TIMM_TOP_TO_OURS:
+            out[_TIMM_TOP_TO_OURS[key]] = value
+        elif key.startswith("head."):
+            out[head_name + key[len("head") :]] = value
+        else:
+            out[key] = value  # reported as unexpected
+    return out
+
+
+def to_transformers_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our module names -> Transformers' on-disk layout (q, k, v split out of the fused projection)."""
+    block = re.compile(r"^(.*?)layers\.(\d+)\.(.+)$")
+    out = {}
+    for key, value in sd.items():
+        m = block.match(key)
+        if not m:
+            out[key] = value.contiguous()
+            continue
+        head, index, rest = m.groups()
+        base = f"{head}encoder.layer.{index}."
+        if rest.startswith("attention.qkv."):
+            param = rest[len("attention.qkv.") :]
+            for name, chunk in zip(("query", "key", "value"), value.chunk(3, dim=0)):
+                out[f"{base}attention.attention.{name}.{param}"] = chunk.contiguous()
+            continue
+        for theirs, ours in _HF_BLOCK_TO_OURS.items():
+            if rest.startswith(ours):
+                rest = theirs + rest[len(ours) :]
+                break
+        out[base + rest] = value.contiguous()
+    return out
+
+
+def to_timm_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A classifier's weights in timm's DeiT layout (`deit_*_distilled_patch16_*` for the teacher class).
+
+    timm builds DeiT with layer_norm_eps=1e-6: outputs agree when the config uses the same epsilon.
+    """
+    ours_to_timm = {v: k for k, v in _TIMM_TOP_TO_OURS.items()}
+    head = "cls_classifier." if hasattr(model, "cls_classifier") else "classifier."
+    out = {}
+    for key, value in model.state_dict().items():
+        m = re.match(r"^deit\.layers\.(\d+)\.(.+)$", key)
+        if m:
+            index, rest = m.groups()
+            for theirs, ours in _TIMM_BLOCK_TO_OURS.items():
+                if rest.startswith(ours):
+                    rest = theirs + rest[len(ours) :]
+                    break
+            out[f"blocks.{index}.{rest}"] = value
+        elif key in ours_to_timm:
+            out[ours_to_timm[key]] = value
+        elif key.startswith(head):
+            out["head." + key[len(head) :]] = value
+        elif key.startswith("deit.embeddings.mask_token") or key.startswith("decoder."):
+            continue  # timm's DeiT has no SimMIM parts
+        else:
+            raise ValueError(f"{key} has no timm equivalent")
+    return out
+
+
+def to_our_state_dict(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Any supported layout -> the target model's own key names (prefix and head names included)."""
+    fmt = detect_format(sd)
+    target_keys = set(model.state_dict())
+    head_name = "cls_classifier" if "cls_classifier.weight" in target_keys else "classifier"
+    if fmt == "timm":
+        sd = _timm_to_ours(sd, head_name)
+    elif fmt == "transformers":
+        sd = _transformers_to_ours(sd)
+    # A bare DeiTModel has no "deit." prefix; a head class needs it. Convert whichever way the target wants.
+    target_prefixed = any(k.startswith("deit.") for k in target_keys)
+    source_prefixed = any(k.startswith("deit.") for k in sd)
+    if target_prefixed and not source_prefixed:
+        sd = {f"deit.{k}": v for k, v in sd.items()}
+    elif source_prefixed and not target_prefixed:
+        sd = {k.removeprefix("deit."): v for k, v in sd.items()}
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------- adapting tensors
+def resize_position_embeddings(
+    pos: torch.Tensor, num_prefix: int, src_grid: tuple[int, int], dst_grid: tuple[int, int]
+) -> torch.Tensor:
+    """(1, prefix + gh*gw, D) -> (1, prefix + h*w, D): bicubic on the patch grid, prefix tokens kept."""
+    prefix, patch = pos[:, :num_prefix], pos[:, num_prefix:]
+    gh, gw = src_grid
+    patch = patch.reshape(1, gh, gw, -1).permute(0, 3, 1, 2).float()  # (1, D, gh, gw)
+    patch = F.interpolate(patch, size=dst_grid, mode="bicubic", align_corners=False)
+    patch = patch.permute(0, 2, 3, 1).reshape(1, dst_grid[0] * dst_grid[1], -1).to(pos.dtype)
+    return torch.cat((prefix, patch), dim=1)
+
+
+def _source_grid(num_patches: int, src_config: DeiTConfig | None, key: str, file: Path) -> tuple[int, int]:
+    if src_config is not None and math.prod(src_config.grid_size) == num_patches:
+        return src_config.grid_size
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(
+            f"{file}: cannot infer the patch grid of {key} with {num_patches} patches (not square)"
+        )
+    return side, side
+
+
+def adapt_embeddings(
+    sd: dict[str, torch.Tensor],
+    model: torch.nn.Module,
+    src_config: DeiTConfig | None,
+    file: Path,
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Create the distillation token when the source has none and resize position embeddings.
+
+    Returns the state dict, the keys created (reported as missing) and the keys resized.
+    """
+    prefix = "deit." if any(k.startswith("deit.") for k in model.state_dict()) else ""
+    pos_key, cls_key = f"{prefix}embeddings.position_embeddings", f"{prefix}embeddings.cls_token"
+    dist_key = f"{prefix}embeddings.distillation_token"
+    created, resized = [], []
+    if pos_key not in sd:
+        return sd, created, resized
+    pos = sd[pos_key]
+    if dist_key not in sd and cls_key in sd:
+        # A ViT/DeiT without distillation token (timm's non-distilled DeiT): start it as a copy of the class
+        # token, position included, so both heads begin from the same representation.
+        sd[dist_key] = sd[cls_key].clone()
+        pos = torch.cat((pos[:, :1], pos[:, :1], pos[:, 1:]), dim=1)
+        created.append(dist_key)
+    target = model.state_dict()[pos_key]
+    if pos.shape[1] != target.shape[1]:
+        src_grid = _source_grid(pos.shape[1] - NUM_PREFIX_TOKENS, src_config, pos_key, file)
+        dst_grid = model.config.grid_size
+        pos = resize_position_embeddings(pos, NUM_PREFIX_TOKENS, src_grid, dst_grid)
+        resized.append(pos_key)
+        logger.info("resized %s from grid %s to %s", pos_key, src_grid, dst_grid)
+    sd[pos_key] = pos
+    return sd, created, resized
+
+
+# ---------------------------------------------------------------------------------------------- public API
+def save_pretrained(model: torch.nn.Module, save_directory: str | Path) -> None:
+    """`config.json` (with `architectures`) + `model.safetensors` in Transformers' layout, written atomically."""
+    path = Path(save_directory)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model.config.copy(architectures=[type(model).__name__])
+    config.save_pretrained(path)
+    tensors = {k: v.detach().cpu() for k, v in to_transformers_state_dict(model.state_dict()).items()}
+    tmp = path / f".{WEIGHTS_NAME}.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path / WEIGHTS_NAME)
+
+
+def from_pretrained(cls, path: str | Path, config: DeiTConfig | None = None, **overrides: Any):
+    """Build `cls` and load any supported checkpoint into it. Returns (model, loading info)."""
+    path = Path(path)
+    if path.is_dir():
+        file = find_weights(path)
+        config_file = path / CONFIG_NAME
+    elif path.is_file():
+        file = path
+        config_file = path.parent / CONFIG_NAME
+    else:
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    src_config = DeiTConfig.from_pretrained(config_file) if config_file.is_file() else None
+    if config is None:
+        if src_config is None:
+            raise ValueError(
+                f"{path} has no {CONFIG_NAME}: pass config=DeiTConfig(...) describing the weights "
+                "(a bare timm state dict needs one)"
+            )
+        config = src_config.copy(**overrides)
+    elif overrides:
+        config = config.copy(**overrides)
+
+    model = cls(config)
+    sd = to_our_state_dict(read_state_dict(file), model)
+    sd, created, resized = adapt_embeddings(sd, model, src_config, file)
+    expected = model.state_dict()
+    for key, value in sd.items():
+        if key in expected and value.shape != expected[key].shape:
+            raise ValueError(
+                f"{file}: tensor {key} has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(expected[key].shape)} (config: {config.hidden_size=}, {config.num_labels=})"
+            )
+    result = model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False)
+    info = {
+        "missing_keys": sorted(set(result.missing_keys) | set(created)),
+        "unexpected_keys": sorted(k for k in sd if k not in expected),
+        "resized_keys": resized,
+    }
+    if info["missing_keys"]:
+        logger.info("%s: newly initialised (not in %s): %s", cls.__name__, file, info["missing_keys"])
+    if info["unexpected_keys"]:
+        logger.info("%s: unused weights of %s: %s", cls.__name__, file, info["unexpected_keys"])
+    return model, info
