@@ -312,8 +312,18 @@ def save_pretrained(model: torch.nn.Module, save_directory: str | Path) -> None:
     os.replace(tmp, path / WEIGHTS_NAME)
 
 
-def from_pretrained(cls, path: str | Path, config: DeiTConfig | None = None, **overrides: Any):
-    """Build `cls` and load any supported checkpoint into it. Returns (model, loading info)."""
+def from_pretrained(
+    cls,
+    path: str | Path,
+    config: DeiTConfig | None = None,
+    ignore_mismatched_sizes: bool = False,
+    **overrides: Any,
+):
+    """Build `cls` and load any supported checkpoint into it. Returns (model, loading info).
+
+    With `ignore_mismatched_sizes`, tensors whose shape differs from the model's (a 1000-class head loaded
+    for 10 classes) stay newly initialised and are listed in `mismatched_keys`; otherwise they raise.
+    """
     path = Path(path)
     if path.is_dir():
         file = find_weights(path)
@@ -338,15 +348,21 @@ def from_pretrained(cls, path: str | Path, config: DeiTConfig | None = None, **o
     sd = to_our_state_dict(read_state_dict(file), model)
     sd, created, resized = adapt_embeddings(sd, model, src_config, file)
     expected = model.state_dict()
-    for key, value in sd.items():
+    mismatched = []
+    for key, value in list(sd.items()):
         if key in expected and value.shape != expected[key].shape:
+            if ignore_mismatched_sizes:
+                mismatched.append(key)
+                del sd[key]
+                continue
             raise ValueError(
                 f"{file}: tensor {key} has shape {tuple(value.shape)}, the model expects "
                 f"{tuple(expected[key].shape)} (config: {config.hidden_size=}, {config.num_labels=})"
             )
     result = model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False)
     info = {
-        "missing_keys": sorted(set(result.missing_keys) | set(created)),
+        "missing_keys": sorted((set(result.missing_keys) | set(created)) - set(mismatched)),
+        "mismatched_keys": sorted(mismatched),
         "unexpected_keys": sorted(k for k in sd if k not in expected),
         "resized_keys": resized,
     }

@@ -204,6 +204,8 @@ class DeiTConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], **overrides: Any) -> DeiTConfig:
         d = {**d, **overrides}
+        if "id2label" in overrides and "num_labels" not in overrides:
+            d.pop("num_labels", None)
         if "num_labels" in overrides and "id2label" not in overrides:
             # A new label count replaces the old names (e.g. fine-tuning a checkpoint on another dataset).
             d.pop("id2label", None)

@@ -315,6 +315,7 @@ class DeiTPreTrainedModel(nn.Module):
         path: str | Path,
         config: DeiTConfig | None = None,
         output_loading_info: bool = False,
+        ignore_mismatched_sizes: bool = False,
         **config_overrides: Any,
     ):
         """Load weights from a simmim/Transformers directory or a safetensors/torch file (timm included).
@@ -324,11 +325,16 @@ class DeiTPreTrainedModel(nn.Module):
                 weights file; a file with no `config.json` beside it (a bare timm state dict) needs `config`.
             config: the configuration to build; default: the checkpoint's, updated by `config_overrides`
                 (e.g. `num_labels=10`, `image_size=64`).
-            output_loading_info: also return `{"missing_keys", "unexpected_keys", "resized_keys"}`.
+            output_loading_info: also return `{"missing_keys", "unexpected_keys", "mismatched_keys",
+                "resized_keys"}`.
+            ignore_mismatched_sizes: leave tensors of another shape (a head for other labels) newly
+                initialised instead of raising.
         """
         from simmim.models.checkpoint import from_pretrained
 
-        model, info = from_pretrained(cls, path, config=config, **config_overrides)
+        model, info = from_pretrained(
+            cls, path, config=config, ignore_mismatched_sizes=ignore_mismatched_sizes, **config_overrides
+        )
         return (model, info) if output_loading_info else model
 
 

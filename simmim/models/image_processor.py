@@ -121,8 +121,9 @@ class DeiTImageProcessor:
             x = torch.as_tensor(np.asarray(image)) if isinstance(image, np.ndarray) else image
             if x.ndim == 2:
                 x = x[None]
-            elif x.ndim == 3 and x.shape[-1] in (1, 3, 4) and x.shape[0] not in (1, 3, 4):
-                x = x.permute(2, 0, 1)  # HWC -> CHW
+            elif x.ndim == 3 and x.shape[-1] in (1, 3, 4) and x.shape[0] not in (1, 3):
+                # HWC -> CHW; a leading 1 or 3 reads as channels (as Transformers infers), so 4 rows stay rows
+                x = x.permute(2, 0, 1)
             if x.ndim != 3:
                 raise ValueError(
                     f"expected an image of shape (H, W), (H, W, C) or (C, H, W), got {tuple(x.shape)}"

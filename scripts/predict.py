@@ -1,0 +1,61 @@
+"""Classify images with an exported classifier (simmim's or any Transformers-format DeiT classifier).
+
+    python scripts/predict.py --model runs/finetune/export --top-k 3 photo.jpg folder_of_photos/
+
+Prints one JSON line per image, like Transformers' image-classification pipeline:
+    {"image": "photo.jpg", "predictions": [{"label": "tench", "score": 0.93}, ...]}
+Images that cannot be decoded are reported on stderr and skipped.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from simmim.data import decode_image, list_image_files
+from simmim.finetune import load_classifier, logits_of
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="an exported classifier directory")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    args = parser.parse_args()
+    if args.top_k < 1:
+        parser.error(f"--top-k must be >= 1, got {args.top_k}")
+    files = []
+    for item in map(Path, args.images):
+        if item.is_dir():
+            files += list_image_files(item)
+        elif item.is_file():
+            files.append(item)
+        else:
+            parser.error(f"{item} does not exist")
+    model, processor, id2label = load_classifier(args.model)
+    k = min(args.top_k, len(id2label))
+    for start in range(0, len(files), args.batch_size):
+        chunk = [(f, decode_image(f)) for f in files[start : start + args.batch_size]]
+        for f, image in chunk:
+            if image is None:
+                print(f"skipped {f}: not a readable image", file=sys.stderr)
+        chunk = [(f, image) for f, image in chunk if image is not None]
+        if not chunk:
+            continue
+        pixel_values = processor([image for _, image in chunk])["pixel_values"]
+        with torch.no_grad():
+            probs = logits_of(model(pixel_values)).softmax(-1)
+        scores, indices = probs.topk(k, dim=-1)
+        for (f, _), s, i in zip(chunk, scores.tolist(), indices.tolist()):
+            predictions = [{"label": id2label[j], "score": round(p, 6)} for p, j in zip(s, i)]
+            print(json.dumps({"image": str(f), "predictions": predictions}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

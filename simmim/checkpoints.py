@@ -1,0 +1,91 @@
+"""Training-state checkpoints: accelerate's `save_state` written atomically, the last N kept, resume from the newest.
+
+Layout of `output_dir/checkpoints/`:
+    index.json            {"latest": "step_00000100", "checkpoints": [... oldest first]}, replaced atomically
+    step_00000100/        accelerate's state (model.safetensors, optimizer.bin, random_states_*.pkl, ...)
+                          + trainer_state.json (step, counters) + extra safetensors files (EMA weights)
+A checkpoint is first written to `.tmp-step_...` and renamed once complete, and the index changes only
+after that, so a kill during a save leaves the previous checkpoint loadable. Resume reads the index, never
+directory names. Nothing here is unpickled: accelerate loads its files with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+TRAINER_STATE = "trainer_state.json"
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class CheckpointManager:
+    def __init__(self, output_dir: str | Path, accelerator: Accelerator, keep_last: int = 2) -> None:
+        if keep_last < 1:
+            raise ValueError(f"train.keep_last must be >= 1, got {keep_last}")
+        self.dir = Path(output_dir) / "checkpoints"
+        self.accelerator = accelerator
+        self.keep_last = keep_last
+
+    @property
+    def index_file(self) -> Path:
+        return self.dir / "index.json"
+
+    def index(self) -> dict[str, Any]:
+        if not self.index_file.is_file():
+            return {"latest": None, "checkpoints": []}
+        return json.loads(self.index_file.read_text())
+
+    def latest(self) -> Path | None:
+        name = self.index()["latest"]
+        return self.dir / name if name else None
+
+    def save(
+        self,
+        step: int,
+        trainer_state: dict[str, Any],
+        tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+    ) -> Path:
+        """Save the full training state at `step` (every process must call this)."""
+        acc = self.accelerator
+        name = f"step_{step:08d}"
+        final, tmp = self.dir / name, self.dir / f".tmp-{name}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            for file, tensor_dict in (tensors or {}).items():
+                save_file({k: v.detach().cpu().contiguous() for k, v in tensor_dict.items()}, str(tmp / file))
+            _write_json_atomic(tmp / TRAINER_STATE, {"step": step, **trainer_state})
+            shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step after a resume
+            os.replace(tmp, final)
+            index = self.index()
+            names = [n for n in index["checkpoints"] if n != name] + [name]
+            stale, names = names[: -self.keep_last], names[-self.keep_last :]
+            _write_json_atomic(self.index_file, {"latest": name, "checkpoints": names})
+            for old in stale:
+                shutil.rmtree(self.dir / old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def load(self, path: Path) -> tuple[dict[str, Any], Path]:
+        """Restore model, optimizer, scaler and RNG states; returns (trainer_state, checkpoint dir)."""
+        self.accelerator.load_state(str(path))
+        return json.loads((path / TRAINER_STATE).read_text()), path
+
+    @staticmethod
+    def load_tensors(path: Path, file: str) -> dict[str, torch.Tensor]:
+        return load_file(str(path / file))

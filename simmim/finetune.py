@@ -1,0 +1,368 @@
+"""Fine-tuning: a classification head (`model.head=cls`), DeiT's distillation head with a frozen teacher
+(`distill`), or a torchvision CNN to serve as that teacher (`cnn`), on `simmim.engine.train`.
+
+The three differ only in the model built and the loss function passed to the loop. Weights come from a
+SimMIM export or run directory, a Transformers-format DeiT directory, a timm DeiT file, or nothing.
+`scripts/finetune.py` is the command line; `scripts/predict.py` uses `load_classifier`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import save_file
+from torch import nn
+
+from simmim.checkpoints import CheckpointManager
+from simmim.config import FinetuneConfig, deit_config_kwargs, save_config
+from simmim.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LabeledImageDataset,
+    MixUpCutMix,
+    build_loader,
+    collate_classification,
+    eval_transform,
+    finetune_transform,
+)
+from simmim.engine import make_accelerator, train
+from simmim.losses import classification_loss
+from simmim.models import (
+    DeiTConfig,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    DeiTImageProcessor,
+)
+from simmim.models.checkpoint import read_state_dict
+from simmim.pretrain import EXPORT_CONFIG, check_output_dir, image_processor, open_split
+
+logger = logging.getLogger("simmim.finetune")
+
+CNN_CONFIG = "cnn_config.json"  # a CNN export: torchvision arch, labels and input normalisation
+HEAD_KEYS = {
+    "cls": {"classifier.weight", "classifier.bias"},
+    "distill": {
+        "cls_classifier.weight",
+        "cls_classifier.bias",
+        "distillation_classifier.weight",
+        "distillation_classifier.bias",
+    },
+}
+# What a SimMIM or classifier checkpoint may hold that a fine-tuned student does not use.
+DROPPABLE = {"decoder.0.weight", "decoder.0.bias", "deit.embeddings.mask_token", "deit.pooler.dense.weight"}
+DROPPABLE |= {"deit.pooler.dense.bias"} | HEAD_KEYS["cls"] | HEAD_KEYS["distill"]
+
+
+# ---------------------------------------------------------------------------------------------- models
+def resolve_init(init: str) -> Path:
+    """A SimMIM run directory -> its export (or newest checkpoint); other paths as they are."""
+    path = Path(init)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model.init={init!r} does not exist (expected a directory, a weights file or 'scratch')"
+        )
+    if path.is_dir() and not (path / "config.json").is_file():
+        if (path / "export" / "config.json").is_file():
+            return path / "export"
+        raise ValueError(
+            f"model.init={init!r} holds no config.json and no export/ (run scripts/export.py on it first)"
+        )
+    return path
+
+
+def build_student(cfg: FinetuneConfig, id2label: dict[int, str]) -> tuple[nn.Module, dict[str, list[str]]]:
+    """The DeiT student for `cls` or `distill`, initialised from `model.init`; returns (model, loading info)."""
+    cls = DeiTForImageClassification if cfg.model.head == "cls" else DeiTForImageClassificationWithTeacher
+    labels = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+    if cfg.model.init == "scratch":
+        return cls(DeiTConfig(**deit_config_kwargs(cfg.model), **labels)), {}
+    path = resolve_init(cfg.model.init)
+    # Architecture from the checkpoint; resolution, regularisation and labels from this run.
+    overrides = {"image_size": cfg.model.image_size, "drop_path_rate": cfg.model.drop_path_rate, **labels}
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if getattr(cfg.model, name) is not None:
+            overrides[name] = getattr(cfg.model, name)
+    has_config = (path if path.is_dir() else path.parent).joinpath("config.json").is_file()
+    config = None if has_config else DeiTConfig(**deit_config_kwargs(cfg.model), **labels)
+    model, info = cls.from_pretrained(
+        path,
+        config=config,
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,
+        **({} if config else overrides),
+    )
+    check_loading_info(info, cfg.model.head, path)
+    return model, info
+
+
+def check_loading_info(info: dict[str, list[str]], head: str, path: Path) -> None:
+    """Only the new head (and a created distillation token) may be missing; only SimMIM/head parts unused."""
+    may_miss = HEAD_KEYS[head] | {"deit.embeddings.distillation_token"}
+    missing = set(info["missing_keys"]) | set(info.get("mismatched_keys", []))
+    wrong_missing = sorted(missing - may_miss)
+    wrong_unused = sorted(set(info["unexpected_keys"]) - DROPPABLE)
+    if wrong_missing or wrong_unused:
+        raise ValueError(
+            f"{path} does not fit a DeiT encoder of this config: missing {wrong_missing}, unused {wrong_unused}"
+        )
+    logger.info("loaded %s: new %s, unused %s", path, sorted(missing), info["unexpected_keys"])
+
+
+def build_cnn(arch: str, num_classes: int) -> nn.Module:
+    """A torchvision classification model, randomly initialised (no weights can be downloaded)."""
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"teacher/model arch {arch!r} is not a torchvision classification model")
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+class Teacher(nn.Module):
+    """A frozen classifier in eval mode, fed with its own input normalisation."""
+
+    def __init__(self, model: nn.Module, mean, std, student_mean, student_std) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        # x_teacher = (x_student * s_std + s_mean - t_mean) / t_std, folded into one scale and shift.
+        scale = torch.tensor(student_std) / torch.tensor(std)
+        shift = (torch.tensor(student_mean) - torch.tensor(mean)) / torch.tensor(std)
+        self.register_buffer("scale", scale.view(1, -1, 1, 1))
+        self.register_buffer("shift", shift.view(1, -1, 1, 1))
+
+    def train(self, mode: bool = True) -> Teacher:
+        return super().train(False)  # always eval: BatchNorm statistics and dropout stay fixed
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values * self.scale + self.shift)
+        return out.logits if hasattr(out, "logits") else out
+
+
+def load_teacher(cfg: FinetuneConfig, num_classes: int) -> Teacher:
+    arch, path = cfg.teacher.arch, Path(cfg.teacher.path)
+    if arch == "deit":
+        model, processor = load_deit_classifier(path)
+        mean, std = processor.image_mean, processor.image_std
+    else:
+        model, mean, std = build_cnn(arch, num_classes), IMAGENET_MEAN, IMAGENET_STD
+        file = path
+        if path.is_dir():
+            meta = json.loads((path / CNN_CONFIG).read_text())
+            if meta["arch"] != arch:
+                raise ValueError(f"teacher.path {path} holds a {meta['arch']}, teacher.arch is {arch}")
+            mean, std, file = meta["mean"], meta["std"], path / "model.safetensors"
+        model.load_state_dict(read_state_dict(file))
+    logits_dim = getattr(getattr(model, "config", None), "num_labels", None) or _out_features(model)
+    if logits_dim != num_classes:
+        raise ValueError(f"the teacher predicts {logits_dim} classes, the dataset has {num_classes}")
+    return Teacher(model, mean, std, cfg.data.mean, cfg.data.std)
+
+
+def _out_features(model: nn.Module) -> int:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
+
+
+def load_deit_classifier(path: Path) -> tuple[nn.Module, DeiTImageProcessor]:
+    """An exported DeiT classifier (either class, from its config's `architectures`) and its preprocessing."""
+    config = DeiTConfig.from_pretrained(path)
+    arch = (config.extra.get("architectures") or ["DeiTForImageClassification"])[0]
+    classes = {c.__name__: c for c in (DeiTForImageClassification, DeiTForImageClassificationWithTeacher)}
+    if arch not in classes:
+        raise ValueError(f"{path} holds a {arch}, not an image classifier ({sorted(classes)})")
+    model = classes[arch].from_pretrained(path)
+    processor_file = path / "preprocessor_config.json"
+    if processor_file.is_file():
+        processor = DeiTImageProcessor.from_pretrained(path)
+    else:
+        processor = image_processor(config.image_hw[0], IMAGENET_MEAN, IMAGENET_STD)
+    return model.eval(), processor
+
+
+def load_classifier(path: str | Path) -> tuple[nn.Module, DeiTImageProcessor, dict[int, str]]:
+    """Any exported classifier: DeiT (ours or Transformers') or a simmim CNN export -> (model, processor, labels)."""
+    path = Path(path)
+    if (path / CNN_CONFIG).is_file():
+        meta = json.loads((path / CNN_CONFIG).read_text())
+        model = build_cnn(meta["arch"], len(meta["id2label"]))
+        model.load_state_dict(read_state_dict(path / "model.safetensors"))
+        return (
+            model.eval(),
+            DeiTImageProcessor.from_pretrained(path),
+            {int(k): v for k, v in meta["id2label"].items()},
+        )
+    model, processor = load_deit_classifier(path)
+    return model, processor, model.config.id2label
+
+
+# ---------------------------------------------------------------------------------------------- export
+def export_classifier(
+    model: nn.Module, directory: Path, cfg: FinetuneConfig, id2label: dict[int, str]
+) -> None:
+    processor = image_processor(cfg.model.image_size, cfg.data.mean, cfg.data.std)
+    if cfg.model.head == "cnn":
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        meta = {"arch": cfg.model.arch, "id2label": {str(k): v for k, v in id2label.items()}}
+        meta |= {"mean": list(cfg.data.mean), "std": list(cfg.data.std), "image_size": cfg.model.image_size}
+        (directory / CNN_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    else:
+        model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    save_config(cfg, directory / EXPORT_CONFIG)
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def logits_of(output: Any) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+def run(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune; writes checkpoints, logs, `metrics.json` and the best model to `output_dir/export`."""
+    if cfg.data.streaming:
+        raise ValueError(
+            "data.streaming=true is not supported by fine-tuning yet: the schedule needs the data size"
+        )
+    accelerator = make_accelerator()
+    set_seed(cfg.seed)
+    d, head = cfg.data, cfg.model.head
+    train_source, val_source = open_split(cfg, d.train_split), open_split(cfg, d.val_split)
+    if not train_source.class_names:
+        raise ValueError(
+            f"data.path={d.path!r} has no labels: fine-tuning needs class folders or a label column"
+        )
+    id2label = dict(enumerate(train_source.class_names))
+    num_classes = len(id2label)
+    check_output_dir(cfg, accelerator)
+
+    if head == "cnn":
+        model = build_cnn(cfg.model.arch, num_classes)
+    else:
+        model, _ = build_student(cfg, id2label)
+    teacher = load_teacher(cfg, num_classes).to(accelerator.device) if head == "distill" else None
+    a = cfg.aug
+    train_set = LabeledImageDataset(
+        train_source,
+        finetune_transform(
+            cfg.model.image_size,
+            rand_augment=a.rand_augment,
+            random_erasing=a.random_erasing,
+            mean=d.mean,
+            std=d.std,
+        ),
+    )
+    val_set = LabeledImageDataset(val_source, eval_transform(cfg.model.image_size, mean=d.mean, std=d.std))
+    mix = MixUpCutMix(
+        num_classes, mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=a.label_smoothing
+    )
+
+    def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # MixUp/CutMix targets go to the class head; the teacher sees the same mixed images.
+        x, targets = mix(batch["pixel_values"], batch["labels"])
+        if head == "cnn":
+            return classification_loss(model(x), targets)
+        if head == "cls":
+            return model(pixel_values=x, labels=targets).loss
+        d_cfg = cfg.distill
+        return model(
+            pixel_values=x,
+            labels=targets,
+            teacher_logits=teacher(x),
+            distillation_type=d_cfg.kind,
+            alpha=d_cfg.alpha,
+            tau=d_cfg.tau,
+        ).loss
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module, step: int, log) -> dict[str, float]:
+        """Top-1 / top-5 accuracy (%) and cross-entropy on the whole validation split."""
+        loader = build_loader(
+            val_set,
+            batch_size=d.batch_size,
+            shuffle=False,
+            drop_last=False,
+            num_workers=d.num_workers,
+            seed=cfg.seed,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            collate_fn=collate_classification,
+        )
+        k = min(5, num_classes)
+        totals = torch.zeros(4, device=accelerator.device)  # (loss sum, top-1 hits, top-k hits, images)
+        for batch in loader:
+            x, y = batch["pixel_values"].to(accelerator.device), batch["labels"].to(accelerator.device)
+            with accelerator.autocast():
+                logits = logits_of(model(x)).float()
+            topk = logits.topk(k, dim=-1).indices  # (B, k)
+            totals += torch.stack(
+                (
+                    F.cross_entropy(logits, y, reduction="sum"),
+                    (topk[:, 0] == y).sum().float(),
+                    (topk == y[:, None]).any(-1).sum().float(),
+                    torch.tensor(float(len(y)), device=y.device),
+                )
+            )
+        totals = accelerator.reduce(totals, "sum")
+        n = totals[3].clamp(min=1)
+        return {
+            "loss": (totals[0] / n).item(),
+            "top1": (100 * totals[1] / n).item(),
+            f"top{k}": (100 * totals[2] / n).item(),
+        }
+
+    summary = train(
+        cfg,
+        accelerator=accelerator,
+        model=model,
+        train_set=train_set,
+        collate_fn=collate_classification,
+        loss_fn=loss_fn,
+        evaluate=evaluate,
+        export=lambda m, directory: export_classifier(m, directory, cfg, id2label),
+        select_metric="top1",
+        eval_each_epoch=True,
+    )
+    if accelerator.is_main_process:
+        metrics = {"epochs": summary["history"], "best": summary["best"]}
+        (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return summary
+
+
+def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """Export the newest (or a given) training checkpoint of a pretraining or fine-tuning run directory."""
+    import yaml
+
+    from simmim.config import PretrainConfig, config_from_dict
+    from simmim.pretrain import RUN_CONFIG, build_model, export_model
+
+    run_dir = Path(run_dir)
+    raw = yaml.safe_load((run_dir / RUN_CONFIG).read_text())
+    is_finetune = "distill" in raw
+    cfg = config_from_dict(FinetuneConfig if is_finetune else PretrainConfig, raw)
+    ckpt = Path(checkpoint) if checkpoint else CheckpointManager(run_dir, Accelerator(cpu=True)).latest()
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} holds no checkpoint (checkpoints/index.json)")
+    weights = read_state_dict(ckpt / "model.safetensors")
+    if not is_finetune:
+        model = build_model(cfg)
+        model.load_state_dict(weights)
+        export_model(model, Path(out), cfg)
+        return Path(out)
+    id2label = dict(enumerate(open_split(cfg, cfg.data.train_split).class_names))
+    if cfg.model.head == "cnn":
+        model = build_cnn(cfg.model.arch, len(id2label))
+    else:
+        cls = DeiTForImageClassification if cfg.model.head == "cls" else DeiTForImageClassificationWithTeacher
+        model = cls(DeiTConfig(**deit_config_kwargs(cfg.model), id2label=id2label))
+        if cfg.model.init != "scratch":
+            # The architecture came from the initial checkpoint: rebuild it from there.
+            model, _ = build_student(cfg, id2label)
+    model.load_state_dict(weights)
+    export_classifier(model, Path(out), cfg, id2label)
+    return Path(out)

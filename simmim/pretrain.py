@@ -1,0 +1,174 @@
+"""SimMIM pretraining (Xie et al., 2022) of a DeiT encoder: the data, model, loss and evaluation that
+`simmim.engine.train` runs. `scripts/pretrain.py` is the command line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from simmim.config import PretrainConfig, config_to_dict, deit_config_kwargs, save_config
+from simmim.data import (
+    MaskedImageDataset,
+    build_loader,
+    collate_pretrain,
+    eval_transform,
+    open_source,
+    pretrain_transform,
+)
+from simmim.engine import make_accelerator, train
+from simmim.masking import MaskGenerator
+from simmim.models import DeiTConfig, DeiTForMaskedImageModeling, DeiTImageProcessor
+from simmim.run_log import RunLog
+from simmim.visualize import reconstruction_grid
+
+RUN_CONFIG = "config.yaml"
+EXPORT_CONFIG = "simmim_config.yaml"  # the resolved run config, embedded in every export
+GRID_IMAGES = 8
+
+
+def build_model(cfg: PretrainConfig) -> DeiTForMaskedImageModeling:
+    return DeiTForMaskedImageModeling(DeiTConfig(**deit_config_kwargs(cfg.model)))
+
+
+def image_processor(image_size: int, mean, std) -> DeiTImageProcessor:
+    """The evaluation preprocessing as a `preprocessor_config.json`: resize to size/0.875, center crop."""
+    return DeiTImageProcessor(
+        size=round(image_size * 256 / 224), crop_size=image_size, image_mean=list(mean), image_std=list(std)
+    )
+
+
+def export_model(model: torch.nn.Module, directory: Path, cfg: Any) -> None:
+    """A Transformers-format directory: config.json, model.safetensors, preprocessor_config.json."""
+    model.save_pretrained(directory)
+    image_processor(cfg.model.image_size, cfg.data.mean, cfg.data.std).save_pretrained(directory)
+    save_config(cfg, directory / EXPORT_CONFIG)
+
+
+def mask_generator(cfg: PretrainConfig, mask_ratio: float | None = None) -> MaskGenerator:
+    return MaskGenerator(
+        input_size=cfg.model.image_size,
+        mask_patch_size=cfg.mask.patch_size,
+        model_patch_size=cfg.model.patch_size,
+        mask_ratio=cfg.mask.ratio if mask_ratio is None else mask_ratio,
+    )
+
+
+def open_split(cfg: Any, split: str):
+    d = cfg.data
+    return open_source(
+        d.path,
+        split,
+        image_column=d.image_column,
+        label_column=d.label_column,
+        streaming=d.streaming,
+        val_fraction=d.val_fraction,
+        seed=cfg.seed,
+        synthetic_size=d.synthetic_size,
+        synthetic_image_size=max(cfg.model.image_size, 32),
+    )
+
+
+def check_output_dir(cfg: Any, accelerator: Accelerator) -> None:
+    """Write the resolved config; a resumed run must not silently change it."""
+    out = Path(cfg.output_dir)
+    path = out / RUN_CONFIG
+    if path.is_file() and (out / "checkpoints" / "index.json").is_file():
+        import yaml
+
+        previous = yaml.safe_load(path.read_text())
+        if previous != config_to_dict(cfg):
+            changed = sorted(
+                f"{section}.{key}"
+                for section, values in config_to_dict(cfg).items()
+                if isinstance(values, dict)
+                for key, value in values.items()
+                if previous.get(section, {}).get(key) != value
+            )
+            accelerator.print(
+                f"warning: resuming {out} with a changed config: {', '.join(changed) or 'top-level'}"
+            )
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, path)
+
+
+def run(cfg: PretrainConfig) -> dict[str, Any]:
+    """Pretrain; writes checkpoints, logs and `output_dir/export`. Returns the engine's summary."""
+    if cfg.data.streaming:
+        raise ValueError(
+            "data.streaming=true is not supported by pretraining yet: the schedule needs the data size"
+        )
+    accelerator = make_accelerator()
+    set_seed(cfg.seed)
+    check_output_dir(cfg, accelerator)
+    model = build_model(cfg)
+    masks = mask_generator(cfg)
+    d = cfg.data
+    train_set = MaskedImageDataset(
+        open_split(cfg, d.train_split),
+        pretrain_transform(cfg.model.image_size, mean=d.mean, std=d.std),
+        masks,
+    )
+    val_set = MaskedImageDataset(
+        open_split(cfg, d.val_split), eval_transform(cfg.model.image_size, mean=d.mean, std=d.std), masks
+    )
+
+    def loss_fn(model, batch):
+        return model(pixel_values=batch["pixel_values"], bool_masked_pos=batch["bool_masked_pos"]).loss
+
+    @torch.no_grad()
+    def evaluate(model, step: int, log: RunLog) -> dict[str, float]:
+        """Masked L1 on (up to `train.eval_batches` batches of) the held-out split, and a grid of them."""
+        loader = build_loader(
+            val_set,
+            batch_size=d.batch_size,
+            shuffle=False,
+            drop_last=False,
+            num_workers=d.num_workers,
+            seed=cfg.seed,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            collate_fn=collate_pretrain,
+        )
+        total = torch.zeros(2, device=accelerator.device)  # (sum of per-batch loss * images, images)
+        for i, batch in enumerate(loader):
+            if cfg.train.eval_batches is not None and i == cfg.train.eval_batches:
+                break
+            x, m = (
+                batch["pixel_values"].to(accelerator.device),
+                batch["bool_masked_pos"].to(accelerator.device),
+            )
+            with accelerator.autocast():
+                out = model(pixel_values=x, bool_masked_pos=m)
+            total += torch.stack(
+                (out.loss.float() * x.shape[0], torch.tensor(float(x.shape[0]), device=x.device))
+            )
+            if i == 0 and accelerator.is_main_process:
+                n = min(GRID_IMAGES, x.shape[0])
+                grid = reconstruction_grid(
+                    x[:n],
+                    out.reconstruction[:n],
+                    m[:n],
+                    patch_size=cfg.model.patch_size,
+                    mean=d.mean,
+                    std=d.std,
+                )
+                log.image("eval/reconstructions", grid, step)
+        total = accelerator.reduce(total, "sum")
+        return {"masked_l1": (total[0] / total[1].clamp(min=1)).item()}
+
+    return train(
+        cfg,
+        accelerator=accelerator,
+        model=model,
+        train_set=train_set,
+        collate_fn=collate_pretrain,
+        loss_fn=loss_fn,
+        evaluate=evaluate,
+        export=lambda m, directory: export_model(m, directory, cfg),
+    )

@@ -1,0 +1,201 @@
+"""Reconstruction evaluation of a SimMIM model: per-image metrics on a split, baselines beside them, and a
+grid of reconstructions. `scripts/eval_reconstruction.py` is the command line.
+
+Baselines: (a) every masked pixel filled with its image's mean visible colour, (b) a randomly initialised
+model of the same config. Both see exactly the masks the model sees.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
+
+from simmim.checkpoints import CheckpointManager
+from simmim.config import PretrainConfig, config_from_dict
+from simmim.data import IMAGENET_MEAN, IMAGENET_STD, MaskedImageDataset, build_loader, collate_pretrain
+from simmim.masking import MaskGenerator
+from simmim.metrics import mean_fill_baseline, reconstruction_metrics
+from simmim.models import DeiTConfig, DeiTForMaskedImageModeling, DeiTImageProcessor
+from simmim.models.checkpoint import read_state_dict
+from simmim.pretrain import RUN_CONFIG, build_model
+from simmim.visualize import reconstruction_grid
+
+METRICS = ("masked_l1", "masked_mse", "masked_psnr", "visible_l1", "visible_psnr")
+BASELINE_METRICS = ("masked_l1", "masked_mse", "masked_psnr")
+
+
+class NotMaskedImageModelError(ValueError):
+    """The checkpoint holds another kind of model."""
+
+
+class LoadedCheckpoint:
+    def __init__(self, model, mean, std, run_cfg: PretrainConfig | None, run_dir: Path | None) -> None:
+        self.model, self.mean, self.std, self.run_cfg, self.run_dir = model, mean, std, run_cfg, run_dir
+
+
+def load_masked_image_model(path: str | Path) -> LoadedCheckpoint:
+    """An export directory, a pretraining output_dir (its newest state), or any DeiT MIM checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--checkpoint {path} does not exist")
+    if path.is_dir() and (path / RUN_CONFIG).is_file() and not (path / "config.json").is_file():
+        raw = yaml.safe_load((path / RUN_CONFIG).read_text())
+        if "distill" in raw:
+            raise NotMaskedImageModelError(
+                f"{path} is a fine-tuning run ({raw.get('model', {}).get('head', 'cls')} head), not a masked-image "
+                "model; expected a SimMIM pretraining run or export"
+            )
+        cfg = config_from_dict(PretrainConfig, raw)
+        latest = CheckpointManager(path, Accelerator(cpu=True)).latest()
+        if latest is None:
+            raise FileNotFoundError(f"{path} is a pretraining run without any checkpoint yet")
+        model = build_model(cfg)
+        model.load_state_dict(read_state_dict(latest / "model.safetensors"))
+        return LoadedCheckpoint(model, cfg.data.mean, cfg.data.std, cfg, path)
+
+    config_dir = path if path.is_dir() else path.parent
+    if not (config_dir / "config.json").is_file():
+        raise NotMaskedImageModelError(
+            f"{path} holds no config.json: not a simmim or Transformers checkpoint"
+        )
+    config = DeiTConfig.from_pretrained(config_dir)
+    arch = (config.extra.get("architectures") or ["unknown"])[0]
+    if arch != "DeiTForMaskedImageModeling":
+        raise NotMaskedImageModelError(
+            f"{path} holds a {arch}, not a masked-image model; expected a DeiTForMaskedImageModeling checkpoint "
+            "(a SimMIM export/ or pretraining output_dir)"
+        )
+    model = DeiTForMaskedImageModeling.from_pretrained(path)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if (config_dir / "preprocessor_config.json").is_file():
+        processor = DeiTImageProcessor.from_pretrained(config_dir)
+        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+    run_cfg = None
+    if (config_dir / "simmim_config.yaml").is_file():
+        run_cfg = config_from_dict(
+            PretrainConfig, yaml.safe_load((config_dir / "simmim_config.yaml").read_text())
+        )
+    run_dir = config_dir.parent if (config_dir.parent / RUN_CONFIG).is_file() else None
+    return LoadedCheckpoint(model, mean, std, run_cfg, run_dir)
+
+
+@torch.no_grad()
+def evaluate_reconstruction(
+    model: DeiTForMaskedImageModeling,
+    dataset: MaskedImageDataset,
+    *,
+    accelerator: Accelerator,
+    mean,
+    std,
+    batch_size: int,
+    seed: int,
+    num_grid_images: int,
+    bf16: bool = False,
+    num_workers: int = 0,
+) -> tuple[dict[str, Any], list[dict[str, Any]], torch.Tensor | None]:
+    """Returns (summary metrics with baselines, one row per image, grid of the first images or None)."""
+    device = accelerator.device
+    model = model.to(device).eval()
+    torch.manual_seed(seed)
+    random_model = DeiTForMaskedImageModeling(model.config).to(device).eval()
+    image_size = model.config.image_hw
+    p = model.config.patch_size
+    loader = build_loader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        drop_last=False,
+        num_workers=num_workers,
+        seed=seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        collate_fn=collate_pretrain,
+    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    rows: list[dict[str, Any]] = []
+    grid_parts: list[tuple[torch.Tensor, ...]] = []
+    skipped = 0
+    for batch in tqdm(loader, desc="reconstruction", disable=not accelerator.is_main_process):
+        skipped += batch["num_skipped"]
+        x, m = batch["pixel_values"].to(device), batch["bool_masked_pos"].to(device)
+        resize = tuple(x.shape[-2:]) != image_size
+        with autocast:
+            recon = model(x, bool_masked_pos=m, interpolate_pos_encoding=resize).reconstruction.float()
+            random_recon = random_model(
+                x, bool_masked_pos=m, interpolate_pos_encoding=resize
+            ).reconstruction.float()
+        ours = reconstruction_metrics(x, recon, m, patch_size=p, mean=mean, std=std)
+        fill = reconstruction_metrics(x, mean_fill_baseline(x, m, p), m, patch_size=p, mean=mean, std=std)
+        rand = reconstruction_metrics(x, random_recon, m, patch_size=p, mean=mean, std=std)
+        for i, index in enumerate(batch["index"].tolist()):
+            row = {"index": index, "image": dataset.source_name(index)}
+            row.update({k: ours[k][i].item() for k in METRICS})
+            row.update({f"mean_fill_{k}": fill[k][i].item() for k in BASELINE_METRICS})
+            row.update({f"random_init_{k}": rand[k][i].item() for k in BASELINE_METRICS})
+            rows.append(row)
+        if sum(len(part[0]) for part in grid_parts) < num_grid_images:
+            grid_parts.append((x.cpu(), recon.cpu(), m.cpu()))
+
+    rows = sorted(gather_object(rows), key=lambda r: r["index"]) if accelerator.num_processes > 1 else rows
+    skipped = sum(gather_object([skipped])) if accelerator.num_processes > 1 else skipped
+
+    def mean_of(key: str) -> float:
+        values = [r[key] for r in rows if not math.isnan(r[key])]
+        return sum(values) / len(values) if values else math.nan
+
+    summary: dict[str, Any] = {k: mean_of(k) for k in METRICS}
+    summary["num_images"] = len(rows)
+    summary["num_skipped"] = skipped
+    summary["baselines"] = {
+        "mean_fill": {k: mean_of(f"mean_fill_{k}") for k in BASELINE_METRICS},
+        "random_init": {k: mean_of(f"random_init_{k}") for k in BASELINE_METRICS},
+    }
+    grid = None
+    if grid_parts and num_grid_images > 0:
+        x, recon, m = (torch.cat(t)[:num_grid_images] for t in zip(*grid_parts))
+        grid = reconstruction_grid(x, recon, m, patch_size=p, mean=mean, std=std)
+    return summary, rows, grid
+
+
+def write_outputs(
+    out: Path, summary: dict[str, Any], rows: list[dict[str, Any]], grid: torch.Tensor | None
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if rows:
+        with (out / "per_image.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    if grid is not None:
+        save_image(grid, out / "reconstructions.png")
+
+
+def tensorboard_dir(*candidates: Path | None) -> Path | None:
+    """The first directory (searched recursively) that already holds TensorBoard event files."""
+    for directory in candidates:
+        if directory is not None and directory.is_dir():
+            for events in sorted(directory.rglob("events.out.tfevents*")):
+                return events.parent
+    return None
+
+
+def mask_generator_for(
+    image_size: int, patch_size: int, mask_patch_size: int, mask_ratio: float
+) -> MaskGenerator:
+    return MaskGenerator(
+        input_size=image_size,
+        mask_patch_size=mask_patch_size,
+        model_patch_size=patch_size,
+        mask_ratio=mask_ratio,
+    )
