@@ -57,18 +57,19 @@ def main() -> int:
     image_size = args.image_size or config.image_hw[0]
     mask_ratio = args.mask_ratio if args.mask_ratio is not None else (run.mask.ratio if run else 0.6)
     mask_patch = args.mask_patch_size or (run.mask.patch_size if run else 32)
-    masks = mask_generator_for(
-        image_size, config.patch_size, mask_patch, mask_ratio
-    )  # validates the combination
+    # Raises a ValueError naming the values when the sizes do not fit together.
+    masks = mask_generator_for(image_size, config.patch_size, mask_patch, mask_ratio)
 
-    split = args.split
-    if split is None:
-        split = "validation"
-        source = open_source(
-            args.data, split, val_fraction=0.0, seed=args.seed, synthetic_image_size=image_size
-        )
-    else:
-        source = open_source(args.data, split, seed=args.seed, synthetic_image_size=image_size)
+    # Without --split: the validation split, or every image when the source has none (val_fraction 0).
+    synthetic_size = run.data.synthetic_size if run else 1024  # the run's held-out synthetic images
+    source = open_source(
+        args.data,
+        args.split or "validation",
+        val_fraction=0.05 if args.split else 0.0,
+        seed=args.seed,
+        synthetic_size=synthetic_size,
+        synthetic_image_size=image_size,
+    )
     dataset = MaskedImageDataset(source, eval_transform(image_size, mean=ckpt.mean, std=ckpt.std), masks)
 
     accelerator = make_accelerator()

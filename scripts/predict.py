@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from simmim.data import decode_image, list_image_files
+from simmim.data import decode_image
+from simmim.data.decoding import IMAGE_EXTENSIONS
 from simmim.finetune import load_classifier, logits_of
 
 
@@ -32,7 +33,7 @@ def main() -> int:
     files = []
     for item in map(Path, args.images):
         if item.is_dir():
-            files += list_image_files(item)
+            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         elif item.is_file():
             files.append(item)
         else:
@@ -40,7 +41,7 @@ def main() -> int:
     model, processor, id2label = load_classifier(args.model)
     k = min(args.top_k, len(id2label))
     for start in range(0, len(files), args.batch_size):
-        chunk = [(f, decode_image(f)) for f in files[start : start + args.batch_size]]
+        chunk = [(f, decode_image(f, str(f))) for f in files[start : start + args.batch_size]]
         for f, image in chunk:
             if image is None:
                 print(f"skipped {f}: not a readable image", file=sys.stderr)

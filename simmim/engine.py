@@ -218,7 +218,8 @@ def train(
         checkpoints.save(step, {"counters": counters.__dict__}, tensors)
 
     def run_evaluation() -> None:
-        metrics = evaluate(model, step, log) if evaluate else {}
+        # The unwrapped model: DDP's forward can sync buffers, and ranks may hold unequal shares of the split.
+        metrics = evaluate(acc.unwrap_model(model), step, log) if evaluate else {}
         if ema is not None and evaluate:
             metrics.update({f"ema_{k}": v for k, v in evaluate(ema.module, step, log).items()})
         log.write(step, metrics, kind="eval")
@@ -241,6 +242,7 @@ def train(
     loss_sum = torch.zeros((), device=acc.device)
     first_bad_step = torch.full((), -1, dtype=torch.long, device=acc.device)
     window_images, window_skipped, window_start = 0, 0, time.perf_counter()
+    last_batch: dict[str, Any] | None = None
 
     def check_finite() -> None:
         bad = (
@@ -259,16 +261,25 @@ def train(
         while step < schedule.total_steps:
             set_lr(optimizer, schedule.lr(step))
             for micro in range(accum):
-                batch = move_to(next(batches), acc.device)
-                window_skipped += batch.pop("num_skipped", 0)
-                window_images += batch["pixel_values"].shape[0]
+                batch = next(batches)
+                window_skipped += batch["num_skipped"]
+                weight = 1.0 / accum
+                if len(batch["index"]) == 0:
+                    # Every image of this micro-batch was unreadable. Every process must still run a forward and
+                    # backward (DDP all-reduces), so the last good micro-batch goes through with weight 0.
+                    if last_batch is None:
+                        continue
+                    batch, weight = last_batch, 0.0
+                else:
+                    batch = last_batch = move_to(batch, acc.device)
+                    window_images += batch["pixel_values"].shape[0]
                 # Gradients are all-reduced only on the last micro-batch of the step.
                 sync = micro == accum - 1
                 with nullcontext() if sync else acc.no_sync(model), acc.autocast():
                     loss = loss_fn(model, batch)
-                acc.backward(loss / accum)
+                acc.backward(loss * weight)
                 loss = loss.detach()
-                loss_sum += loss
+                loss_sum += loss * (weight * accum)
                 first_bad_step = torch.where(
                     (first_bad_step < 0) & ~torch.isfinite(loss),
                     torch.full_like(first_bad_step, step),

@@ -296,6 +296,8 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         k = min(5, num_classes)
         totals = torch.zeros(4, device=accelerator.device)  # (loss sum, top-1 hits, top-k hits, images)
         for batch in loader:
+            if len(batch["index"]) == 0:
+                continue  # unreadable images, or this rank's empty share of the last batch
             x, y = batch["pixel_values"].to(accelerator.device), batch["labels"].to(accelerator.device)
             with accelerator.autocast():
                 logits = logits_of(model(x)).float()

@@ -139,6 +139,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         for i, batch in enumerate(loader):
             if cfg.train.eval_batches is not None and i == cfg.train.eval_batches:
                 break
+            if len(batch["index"]) == 0:
+                continue
             x, m = (
                 batch["pixel_values"].to(accelerator.device),
                 batch["bool_masked_pos"].to(accelerator.device),

@@ -127,6 +127,8 @@ def evaluate_reconstruction(
     skipped = 0
     for batch in tqdm(loader, desc="reconstruction", disable=not accelerator.is_main_process):
         skipped += batch["num_skipped"]
+        if len(batch["index"]) == 0:
+            continue  # every image of this batch was unreadable (or this rank's share of the tail is empty)
         x, m = batch["pixel_values"].to(device), batch["bool_masked_pos"].to(device)
         resize = tuple(x.shape[-2:]) != image_size
         with autocast:
@@ -137,8 +139,8 @@ def evaluate_reconstruction(
         ours = reconstruction_metrics(x, recon, m, patch_size=p, mean=mean, std=std)
         fill = reconstruction_metrics(x, mean_fill_baseline(x, m, p), m, patch_size=p, mean=mean, std=std)
         rand = reconstruction_metrics(x, random_recon, m, patch_size=p, mean=mean, std=std)
-        for i, index in enumerate(batch["index"].tolist()):
-            row = {"index": index, "image": dataset.source_name(index)}
+        for i, (index, name) in enumerate(zip(batch["index"].tolist(), batch["name"])):
+            row = {"index": index, "image": name}
             row.update({k: ours[k][i].item() for k in METRICS})
             row.update({f"mean_fill_{k}": fill[k][i].item() for k in BASELINE_METRICS})
             row.update({f"random_init_{k}": rand[k][i].item() for k in BASELINE_METRICS})

@@ -1,0 +1,120 @@
+"""Images per second per loader worker: simmim's decode + SimMIM pretraining transform + mask + collate,
+against a plain PIL + torchvision-v1 pipeline (RandomResizedCrop, flip, ToTensor, Normalize) on the same files.
+
+    python benchmarks/data_throughput.py                      # ../shared/data/imagenette, 224 px
+    python benchmarks/data_throughput.py --num-images 512 --rounds 5
+
+One process with one torch thread and num_workers=0, as inside one DataLoader worker; the two pipelines run
+alternately, batch by batch, so that both see the same machine load and a warm page cache. Target: >= 800 img/s.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from simmim.data import MaskedImageDataset, build_loader, collate_pretrain, open_source, pretrain_transform
+from simmim.masking import MaskGenerator
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette"
+
+
+class ReferenceImages(Dataset):
+    """The usual hand-rolled pipeline: PIL open + convert, then torchvision v1 transforms."""
+
+    def __init__(self, paths: list[str], image_size: int) -> None:
+        self.paths = paths
+        self.transform = T.Compose(
+            [
+                T.RandomResizedCrop(image_size, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3)),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        with Image.open(self.paths[index]) as image:
+            return self.transform(image.convert("RGB"))
+
+
+def interleaved_rates(loaders: dict[str, DataLoader], num_images: int) -> dict[str, tuple[float, float]]:
+    """One epoch of each loader, alternating batch by batch so that both see the same machine load.
+
+    Returns name -> (images per second of wall time, images per second of this process's CPU time); the
+    second leaves out the time other processes on a shared machine take from this one.
+    """
+    wall, cpu = dict.fromkeys(loaders, 0.0), dict.fromkeys(loaders, 0.0)
+    iterators = {name: iter(loader) for name, loader in loaders.items()}
+    while iterators:
+        for name in list(iterators):
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            try:
+                next(iterators[name])
+            except StopIteration:
+                del iterators[name]
+            wall[name] += time.perf_counter() - start_wall
+            cpu[name] += time.process_time() - start_cpu
+    return {name: (num_images / wall[name], num_images / cpu[name]) for name in loaders}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--num-images", type=int, default=384)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # what a DataLoader worker gets
+
+    source = open_source(args.data, "train")
+    # spread over all classes rather than the first folder
+    source = source.subset(np.linspace(0, len(source) - 1, args.num_images).astype(np.int64))
+    paths = [source[i][2] for i in range(len(source))]  # also warms the page cache for both pipelines
+    ours = MaskedImageDataset(
+        source, pretrain_transform(args.image_size), MaskGenerator(args.image_size, 32, 16, 0.6)
+    )
+    ours_loader = build_loader(
+        ours,
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=False,
+        num_workers=0,
+        seed=0,
+        collate_fn=collate_pretrain,
+    )
+    reference_loader = DataLoader(
+        ReferenceImages(paths, args.image_size), batch_size=args.batch_size, shuffle=True, num_workers=0
+    )
+
+    loaders = {"simmim": ours_loader, "reference": reference_loader}
+    interleaved_rates(loaders, len(paths))  # warm-up round, not counted
+    rounds = [interleaved_rates(loaders, len(paths)) for _ in range(args.rounds)]
+    # (wall, cpu) img/s per pipeline, median over rounds
+    rates = {name: np.median([r[name] for r in rounds], axis=0) for name in loaders}
+
+    print(f"data: {args.data} ({len(paths)} images, {args.image_size} px, batch {args.batch_size}, 1 thread)")
+    print("img/s per worker (median of rounds)     wall clock   CPU time")
+    labels = {
+        "simmim": "simmim (decode, v2 transform, mask)",
+        "reference": "reference (PIL + v1 Compose)",
+    }
+    for name, (wall, cpu) in rates.items():
+        print(f"{labels[name]:<38} {wall:10.0f} {cpu:10.0f}")
+    ratio = rates["simmim"] / rates["reference"]
+    print(f"{'ratio simmim / reference':<38} {ratio[0]:9.2f}x {ratio[1]:9.2f}x")
+
+
+if __name__ == "__main__":
+    main()

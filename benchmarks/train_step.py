@@ -1,0 +1,163 @@
+"""Speed of one SimMIM training step (forward + backward + AdamW) of simmim's DeiTForMaskedImageModeling
+against Transformers' (default attention: sdpa), DeiT-Ti/16 at 224 px, timed in one process, interleaved.
+
+    python benchmarks/train_step.py                       # cuda if available, else cpu
+    python benchmarks/train_step.py --device cpu --threads 2 --steps 6 --warmup 1
+
+Both models start from the same weights (ours written with save_pretrained, read by Transformers) and see
+the same images and the same mask (60% of the 14x14 patches of each image). Each round runs every variant
+once (simmim fp32, Transformers fp32, simmim bf16, Transformers bf16; bf16 = torch.autocast), so drift in
+the machine's speed hits all of them alike; the median over rounds is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+
+from simmim.models import DeiTConfig, DeiTForMaskedImageModeling
+
+# (name, is ours, autocast dtype)
+VARIANTS = [
+    ("simmim fp32", True, None),
+    ("transformers fp32", False, None),
+    ("simmim bf16", True, torch.bfloat16),
+    ("transformers bf16", False, torch.bfloat16),
+]
+# (label, numerator, denominator, target)
+RATIOS = [
+    ("fp32: simmim / transformers", "simmim fp32", "transformers fp32", 1.0),
+    ("bf16: simmim / transformers", "simmim bf16", "transformers bf16", 1.0),
+    ("simmim bf16 / transformers fp32", "simmim bf16", "transformers fp32", 2.0),
+]
+
+
+def deit_tiny(image_size: int) -> DeiTConfig:
+    return DeiTConfig(
+        hidden_size=192,
+        num_hidden_layers=12,
+        num_attention_heads=3,
+        intermediate_size=768,
+        image_size=image_size,
+        patch_size=16,
+        encoder_stride=16,
+    )
+
+
+def fixed_mask(batch_size: int, num_patches: int, ratio: float, seed: int = 0) -> torch.Tensor:
+    """(B, N) bool with round(ratio * N) True per row at random positions."""
+    g = torch.Generator().manual_seed(seed)
+    num_masked = round(ratio * num_patches)
+    mask = torch.zeros(batch_size, num_patches, dtype=torch.bool)
+    for row in mask:
+        row[torch.randperm(num_patches, generator=g)[:num_masked]] = True
+    return mask
+
+
+def make_step(
+    model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | None, device: str
+) -> Callable[[], float]:
+    """A closure running one optimisation step and returning its wall time in seconds."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step() -> float:
+        sync()
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=dtype) if dtype is not None else nullcontext():
+            loss = model(pixel_values=x, bool_masked_pos=mask).loss
+        loss.backward()
+        optimizer.step()
+        sync()
+        return time.perf_counter() - start
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
+    )
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed rounds (default: 6 on cpu, 30 on cuda)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed rounds (default: 1 on cpu, 5 on cuda)"
+    )
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    args = parser.parse_args()
+    import transformers  # a peer for this benchmark, not a dependency of simmim
+
+    cpu = args.device == "cpu"
+    steps = args.steps if args.steps is not None else (6 if cpu else 30)
+    warmup = args.warmup if args.warmup is not None else (1 if cpu else 5)
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    torch.manual_seed(0)
+
+    config = deit_tiny(args.image_size)
+    ours = DeiTForMaskedImageModeling(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours.save_pretrained(tmp)
+        theirs = transformers.DeiTForMaskedImageModeling.from_pretrained(tmp)
+    ours.to(args.device).train()
+    theirs.to(args.device).train()
+
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
+    h, w = config.grid_size
+    mask = fixed_mask(args.batch_size, h * w, 0.6).to(args.device)
+    with torch.no_grad():  # same weights, same inputs: the same loss
+        a = ours(x, bool_masked_pos=mask).loss.item()
+        b = theirs(pixel_values=x, bool_masked_pos=mask).loss.item()
+
+    steps_of = {
+        name: make_step(ours if is_ours else theirs, x, mask, dtype, args.device)
+        for name, is_ours, dtype in VARIANTS
+    }
+    times: dict[str, list[float]] = {name: [] for name in steps_of}
+    for round_index in range(warmup + steps):
+        for name, step in steps_of.items():
+            seconds = step()
+            if round_index >= warmup:
+                times[name].append(seconds)
+
+    device_name = (
+        torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"SimMIM train step, DeiT-Ti/16 {args.image_size}px, batch {args.batch_size}, 60% masked, AdamW; {device_name}"
+    )
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__} "
+        f"(attn_implementation={theirs.config._attn_implementation}); {warmup} warm-up + {steps} timed rounds"
+    )
+    print(f"initial loss: simmim {a:.6f}, transformers {b:.6f}")
+    print()
+    print(f"{'variant':<20}{'median s/step':>15}{'min s/step':>12}{'img/s':>10}")
+    img_per_s = {}
+    for name, values in times.items():
+        median = statistics.median(values)
+        img_per_s[name] = args.batch_size / median
+        print(f"{name:<20}{median:>15.4f}{min(values):>12.4f}{img_per_s[name]:>10.1f}")
+    print()
+    print(f"{'speed ratio':<34}{'ratio':>8}{'target':>8}")
+    for label, num, den, target in RATIOS:
+        ratio = img_per_s[num] / img_per_s[den]
+        verdict = "ok" if ratio >= target else "MISSED"
+        print(f"{label:<34}{ratio:>8.2f}{f'>= {target:.1f}':>8}  {verdict}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,555 @@
+"""Image sources behind one interface: ImageFolder trees, flat folders, Hugging Face datasets (map-style or
+streaming) and a built-in synthetic dataset. `open_source` picks the right one by inspecting the path.
+
+A source yields `(image, label, name)`: an RGB PIL image or None when it cannot be decoded, the class index
+(-1 when unlabelled) and what a warning should call the sample (a file path or `dataset[i]`).
+When a source has a single split, the validation split is carved from it reproducibly and removed from train.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from simmim.data.decoding import IMAGE_EXTENSIONS, decode_image
+from simmim.data.synthetic import SYNTHETIC_CLASSES, pixel_grid, render_synthetic_image
+
+logger = logging.getLogger("simmim.data")
+
+Sample = tuple[Image.Image | None, int, str]
+
+# names a requested split may be found under, in order of preference
+_SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "val", "valid", "test")}
+_IMAGE_COLUMNS = ("image", "img")
+_LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
+_SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+_HF_DATA_SUFFIXES = (".parquet", ".arrow", ".csv", ".json", ".jsonl", ".py", ".tar", ".zip")
+
+
+class ImageSource:
+    """The interface every source implements. Map-style sources have `__len__` and `__getitem__`;
+    streaming sources have neither and are iterated with `stream()`.
+
+    Attributes:
+        split: the split asked for ("train", "validation", ...).
+        class_names: names of the classes in label order, or None when unknown or unlabelled.
+        has_labels: whether labels are real class indices (False: every label is -1).
+        is_streaming: whether the source can only be iterated.
+    """
+
+    split: str
+    class_names: list[str] | None = None
+    has_labels: bool = True
+    is_streaming: bool = False
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, index: int, decode_size: int | None = None) -> Sample:
+        """Sample `index`; `decode_size` lets JPEGs decode at a reduced size (see `decode_image`)."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> Sample:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a source of {len(self)} images")
+        return self.load(index % len(self))
+
+    def __repr__(self) -> str:
+        size = "streaming" if self.is_streaming else f"{len(self)} images"
+        classes = "unlabelled" if not self.has_labels else f"{len(self.class_names or [])} classes"
+        return f"{type(self).__name__}(split={self.split!r}, {size}, {classes})"
+
+
+def carve_split(num_items: int, part: str, val_fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of the `part` ("train" or "validation") of a reproducible random train/val split."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction {val_fraction} is outside (0, 1)")
+    num_val = min(max(1, round(val_fraction * num_items)), num_items - 1)
+    permutation = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed)).numpy()
+    chosen = permutation[:num_val] if part == "validation" else permutation[num_val:]
+    return np.sort(chosen)
+
+
+def _resolve_split(split: str, available: list[str]) -> tuple[str, str | None]:
+    """Which available split to read for `split`, and which part of it to carve (None: all of it)."""
+    canonical = "validation" if split in _SPLIT_ALIASES["validation"] else split
+    if canonical not in _SPLIT_ALIASES:
+        if split in available:
+            return split, None
+        raise ValueError(f"split {split!r} not found; available: {available}")
+    has_validation = any(name in available for name in _SPLIT_ALIASES["validation"])
+    train_name = "train" if "train" in available else (available[0] if len(available) == 1 else None)
+    if canonical == "validation" and has_validation:
+        return next(name for name in _SPLIT_ALIASES["validation"] if name in available), None
+    if train_name is None:
+        raise ValueError(
+            f"split {split!r} not found and no single training split to carve it from: {available}"
+        )
+    # no validation split: both parts are carved from train, so that they never overlap
+    return train_name, None if has_validation else canonical
+
+
+# ----------------------------------------------------------------------------------------------------------
+# folders
+
+
+def _is_image_file(name: str) -> bool:
+    # hidden files include macOS "._x.jpg" resource forks, which carry an image extension but no image
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _subdirectories(directory: str) -> list[str]:
+    with os.scandir(directory) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+def _has_images(directory: str) -> bool:
+    with os.scandir(directory) as entries:
+        return any(e.is_file() and _is_image_file(e.name) for e in entries)
+
+
+def _list_images(directory: str) -> list[str]:
+    """Image files under `directory`, recursively, as sorted paths relative to it."""
+    found = []
+    for parent, dirnames, filenames in os.walk(directory, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        relative = os.path.relpath(parent, directory)
+        found += [os.path.normpath(os.path.join(relative, f)) for f in sorted(filenames) if _is_image_file(f)]
+    return found
+
+
+def _layout(root: str) -> str:
+    """What a directory holds: "saved" (datasets.save_to_disk), "split_imagefolder" (train/ val/ of class
+    folders), "imagefolder" (class folders), "flat" (images, no labels) or "huggingface" (data files)."""
+    with os.scandir(root) as entries:
+        files = sorted(e.name for e in entries if e.is_file())
+    if any(name in _SAVED_DATASET_FILES for name in files):
+        return "saved"
+    subdirs = _subdirectories(root)
+    split_dirs = [d for d in subdirs if d.lower() in _SPLIT_ALIASES["train"] + _SPLIT_ALIASES["validation"]]
+    for split_dir in split_dirs:
+        path = os.path.join(root, split_dir)
+        if not _has_images(path) and any(_has_images(os.path.join(path, c)) for c in _subdirectories(path)):
+            return "split_imagefolder"
+    if any(_has_images(os.path.join(root, d)) for d in subdirs):
+        return "imagefolder"
+    if any(_is_image_file(name) for name in files):
+        return "flat"
+    for _, _, filenames in itertools.islice(os.walk(root), 64):
+        if any(name.endswith(_HF_DATA_SUFFIXES) for name in filenames):
+            return "huggingface"
+    raise ValueError(f"{root} holds neither images (flat or in class folders) nor Hugging Face data files")
+
+
+class FolderSource(ImageSource):
+    """Images in a directory; labels from class sub-folders (ImageFolder) or none (a flat folder).
+
+    Paths are kept in one numpy byte-string array rather than a list of str: DataLoader workers fork the
+    process, and touching millions of Python objects would copy their pages into every worker.
+    """
+
+    def __init__(
+        self, root: str, files: list[str], labels: list[int], class_names: list[str] | None, split: str
+    ) -> None:
+        self.root = root
+        self.files = np.array([os.fsencode(f) for f in files], dtype=np.bytes_)  # (N,) relative paths
+        self.labels = np.array(labels, dtype=np.int64)  # (N,)
+        self.class_names = class_names
+        self.has_labels = class_names is not None
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int, decode_size: int | None = None) -> Sample:
+        path = os.path.join(self.root, os.fsdecode(self.files[index]))
+        return decode_image(path, path, decode_size), int(self.labels[index]), path
+
+    def subset(self, indices: np.ndarray) -> FolderSource:
+        part = FolderSource(self.root, [], [], self.class_names, self.split)
+        part.files, part.labels = self.files[indices], self.labels[indices]
+        return part
+
+
+def _scan_imagefolder(root: str, split: str, class_names: list[str] | None = None) -> FolderSource:
+    """An ImageFolder: labels index `class_names` (default: its sorted sub-folders, as torchvision does)."""
+    found = _subdirectories(root)
+    class_names = class_names or found
+    unknown = sorted(set(found) - set(class_names))
+    if unknown:
+        raise ValueError(
+            f"{root} has class folders {unknown} that the training split lacks; labels would shift"
+        )
+    files, labels = [], []
+    for label, name in enumerate(class_names):
+        if name not in found:
+            continue
+        images = _list_images(os.path.join(root, name))
+        if not images:
+            logger.warning("class folder %s holds no images", os.path.join(root, name))
+        files += [os.path.join(name, f) for f in images]
+        labels += [label] * len(images)
+    return FolderSource(root, files, labels, list(class_names), split)
+
+
+def _open_folder(root: str, layout: str, split: str, val_fraction: float, seed: int) -> ImageSource:
+    if layout == "split_imagefolder":
+        subdirs = _subdirectories(root)
+        split_dirs = {d.lower(): d for d in subdirs}
+        read, carve = _resolve_split(split, list(split_dirs))
+        train_dir = os.path.join(root, split_dirs.get("train", split_dirs[read]))
+        class_names = _subdirectories(train_dir)
+        source = _scan_imagefolder(os.path.join(root, split_dirs[read]), split, class_names)
+    elif layout == "imagefolder":
+        read, carve = _resolve_split(split, ["train"])
+        source = _scan_imagefolder(root, split)
+    else:
+        read, carve = _resolve_split(split, ["train"])
+        files = sorted(f for f in os.listdir(root) if _is_image_file(f))
+        source = FolderSource(root, files, [-1] * len(files), None, split)
+    if carve is not None and val_fraction > 0:
+        source = source.subset(carve_split(len(source), carve, val_fraction, seed))
+    if len(source) == 0:
+        raise ValueError(f"no images found for split {split!r} in {root}")
+    return source
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face datasets
+
+
+def _find_column(
+    columns: dict[str, Any], given: str | None, names: tuple[str, ...], kind: type
+) -> str | None:
+    if given is not None:
+        if given not in columns:
+            raise ValueError(f"column {given!r} not found; the dataset has {list(columns)}")
+        return given
+    by_name = [name for name in names if name in columns]
+    by_type = [name for name, feature in columns.items() if isinstance(feature, kind)]
+    return (by_name + by_type + [None])[0]
+
+
+class _HuggingFaceColumns:
+    """Which columns hold the image and the label, and how a label value becomes a class index."""
+
+    def __init__(self, features: Any, image_column: str | None, label_column: str | None) -> None:
+        import datasets
+
+        if features is None:
+            raise ValueError("the dataset's features are unknown; they are needed to find the image column")
+        self.image = _find_column(features, image_column, _IMAGE_COLUMNS, datasets.Image)
+        if self.image is None:
+            raise ValueError(f"no image column found among {list(features)}; pass image_column=")
+        self.label = _find_column(features, label_column, _LABEL_COLUMNS, datasets.ClassLabel)
+        label_feature = features[self.label] if self.label is not None else None
+        self.class_names = label_feature.names if isinstance(label_feature, datasets.ClassLabel) else None
+        self.label_index: dict[str, int] | None = None  # string labels -> class index
+        if label_feature is not None and not isinstance(label_feature, datasets.ClassLabel):
+            dtype = getattr(label_feature, "dtype", None)
+            if dtype in ("string", "large_string"):
+                self.label_index = {}  # filled from the data by the caller
+            elif not str(dtype).startswith(("int", "uint")):
+                raise ValueError(f"label column {self.label!r} has type {label_feature}, not a class index")
+
+    def set_string_classes(self, values: list[str]) -> None:
+        self.class_names = sorted(set(values))
+        self.label_index = {name: i for i, name in enumerate(self.class_names)}
+
+    def label_of(self, example: dict) -> int:
+        if self.label is None:
+            return -1
+        value = example[self.label]
+        return self.label_index[value] if self.label_index is not None else int(value)
+
+    def prepare(self, dataset: Any) -> Any:
+        """Keep the two columns and leave images encoded, so that a broken one is skipped, not raised."""
+        import datasets
+
+        keep = [c for c in (self.image, self.label) if c is not None]
+        dataset = dataset.select_columns(keep)
+        if isinstance(dataset.features[self.image], datasets.Image):
+            dataset = dataset.cast_column(self.image, datasets.Image(decode=False))
+        return dataset
+
+
+def _image_name(base: str, example_image: Any) -> str:
+    path = example_image.get("path") if isinstance(example_image, dict) else None
+    return f"{base} ({path})" if path else base
+
+
+class _HuggingFaceImages(ImageSource):
+    def __init__(self, dataset: Any, columns: _HuggingFaceColumns, name: str, split: str) -> None:
+        self.dataset = columns.prepare(dataset)
+        self.columns = columns
+        self.name = name
+        self.split = split
+        self.class_names = columns.class_names
+        self.has_labels = columns.label is not None
+
+
+class HuggingFaceSource(_HuggingFaceImages):
+    """A map-style `datasets.Dataset`, optionally restricted to `rows` (a carved split)."""
+
+    def __init__(
+        self, dataset: Any, columns: _HuggingFaceColumns, name: str, split: str, rows: np.ndarray | None
+    ) -> None:
+        super().__init__(dataset, columns, name, split)
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.rows is not None else len(self.dataset)
+
+    def load(self, index: int, decode_size: int | None = None) -> Sample:
+        row = int(self.rows[index]) if self.rows is not None else index
+        example = self.dataset[row]
+        name = _image_name(f"{self.name}[{row}]", example[self.columns.image])
+        return (
+            decode_image(example[self.columns.image], name, decode_size),
+            self.columns.label_of(example),
+            name,
+        )
+
+
+def _stable_fraction(example_image: Any, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by the image's content (or path) and the seed."""
+    data = example_image
+    if isinstance(data, dict):
+        data = data.get("bytes") or data.get("path") or b""
+    if isinstance(data, str):
+        data = data.encode()
+    crc = zlib.crc32(data, seed & 0xFFFFFFFF)
+    # crc32 is not well mixed in its high bits for similar inputs: scramble it (a 32-bit Murmur3 finaliser)
+    crc ^= crc >> 16
+    crc = (crc * 0x85EBCA6B) & 0xFFFFFFFF
+    crc ^= crc >> 13
+    crc = (crc * 0xC2B2AE35) & 0xFFFFFFFF
+    crc ^= crc >> 16
+    return crc / 2**32
+
+
+class StreamingHuggingFaceSource(_HuggingFaceImages):
+    """A `datasets.IterableDataset` for data too large to index, read with `stream()`.
+
+    A carved validation split is chosen by hashing each image's bytes, so it holds about (not exactly)
+    `val_fraction` of the stream, is the same whatever the sharding, and keeps duplicates on one side.
+    """
+
+    is_streaming = True
+
+    def __init__(
+        self,
+        dataset: Any,
+        columns: _HuggingFaceColumns,
+        name: str,
+        split: str,
+        carve: str | None,
+        val_fraction: float,
+        seed: int,
+    ) -> None:
+        if columns.label_index is not None:
+            raise ValueError(
+                f"string label column {columns.label!r} needs a ClassLabel feature when streaming"
+            )
+        super().__init__(dataset, columns, name, split)
+        self.carve = carve
+        self.val_fraction = val_fraction
+        self.seed = seed
+
+    def __len__(self) -> int:
+        raise TypeError("a streaming source has no length")
+
+    def load(self, index: int, decode_size: int | None = None) -> Sample:
+        raise TypeError("a streaming source cannot be indexed; iterate it with stream()")
+
+    def __iter__(self) -> Iterator[Sample]:
+        return self.stream()
+
+    def _examples(self, dataset: Any, num_node_shards: int) -> Iterator[dict]:
+        """This DataLoader worker's examples of `dataset`."""
+        worker = torch.utils.data.get_worker_info()
+        if worker is None or num_node_shards >= worker.num_workers:
+            # inside a worker, datasets hands each worker its own shards
+            yield from dataset
+            return
+        # fewer shards than workers would leave workers idle: every worker reads the (cheap, undecoded)
+        # stream and keeps every num_workers-th example
+        examples = (
+            {key: values[i] for key, values in batch.items()}
+            for batch in dataset.iter(batch_size=256)
+            for i in range(len(next(iter(batch.values()))))
+        )
+        yield from itertools.islice(examples, worker.id, None, worker.num_workers)
+
+    def stream(
+        self,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        skip: int = 0,
+        decode_size: int | None = None,
+        shuffle_buffer: int = 1000,
+    ) -> Iterator[Sample]:
+        """Iterate this process's (and DataLoader worker's) share of the split.
+
+        Args:
+            rank, world_size: the node split (`datasets.distributed.split_dataset_by_node`).
+            shuffle, seed, epoch: buffer shuffling of shards and examples, reseeded every epoch.
+            skip: examples of this worker's share to pass over without decoding (to resume).
+            decode_size: see `decode_image`.
+        """
+        from datasets.distributed import split_dataset_by_node
+
+        dataset = self.dataset
+        if shuffle:
+            dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
+            dataset.set_epoch(epoch)
+        num_shards = dataset.num_shards
+        if world_size > 1:
+            dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+            # datasets splits shards when they divide evenly, and examples otherwise
+            num_shards = num_shards // world_size if num_shards % world_size == 0 else num_shards
+        examples = self._examples(dataset, num_shards)
+        if self.carve is not None:
+            examples = (
+                e
+                for e in examples
+                if (_stable_fraction(e[self.columns.image], self.seed) < self.val_fraction)
+                == (self.carve == "validation")
+            )
+        for position, example in enumerate(itertools.islice(examples, skip, None), start=skip):
+            name = _image_name(f"{self.name}[stream {rank}:{position}]", example[self.columns.image])
+            image = decode_image(example[self.columns.image], name, decode_size)
+            yield image, self.columns.label_of(example), name
+
+
+def _open_huggingface(
+    path: str,
+    split: str,
+    *,
+    saved: bool,
+    image_column: str | None,
+    label_column: str | None,
+    streaming: bool,
+    val_fraction: float,
+    seed: int,
+) -> ImageSource:
+    import datasets
+
+    if saved:
+        loaded = datasets.load_from_disk(path)
+        splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+        if streaming:
+            splits = {k: v.to_iterable_dataset(num_shards=min(64, len(v))) for k, v in splits.items()}
+    else:
+        splits = dict(datasets.load_dataset(path, streaming=streaming))
+    read, carve = _resolve_split(split, list(splits))
+    dataset = splits[read]
+    columns = _HuggingFaceColumns(dataset.features, image_column, label_column)
+    name = f"{Path(path).name or path}:{read}"
+    if streaming:
+        return StreamingHuggingFaceSource(dataset, columns, name, split, carve, val_fraction, seed)
+    if columns.label_index is not None:
+        # class indices from all splits together, so that a split missing a class cannot shift the others
+        columns.set_string_classes([v for part in splits.values() for v in part.unique(columns.label)])
+    rows = (
+        carve_split(len(dataset), carve, val_fraction, seed)
+        if carve is not None and val_fraction > 0
+        else None
+    )
+    return HuggingFaceSource(dataset, columns, name, split, rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# synthetic
+
+
+class SyntheticSource(ImageSource):
+    """`render_synthetic_image` for `num_images` indices; train and validation use different seed streams."""
+
+    def __init__(self, num_images: int, image_size: int, seed: int, split: str) -> None:
+        self.num_images = num_images
+        self.image_size = image_size
+        self.seed = seed
+        self.split = split
+        self.stream_id = 0 if split == "train" else 1
+        self.class_names = list(SYNTHETIC_CLASSES)
+        self.grid = pixel_grid(image_size)
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def load(self, index: int, decode_size: int | None = None) -> Sample:
+        label = index % len(SYNTHETIC_CLASSES)  # balanced classes, also in small validation sets
+        rng = np.random.default_rng((self.seed, self.stream_id, index))
+        pixels = render_synthetic_image(label, rng, self.grid)  # (S, S, 3) uint8
+        return Image.fromarray(pixels, mode="RGB"), label, f"synthetic:{self.split}[{index}]"
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def open_source(
+    path: str,
+    split: str = "train",
+    *,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    streaming: bool = False,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    synthetic_size: int = 1024,
+    synthetic_image_size: int = 64,
+) -> ImageSource:
+    """Open one split of a dataset.
+
+    Args:
+        path: "synthetic"; a directory (ImageFolder, optionally with train/ and val/ split folders; a flat
+            folder of images; Hugging Face data files or a dataset script; a `save_to_disk` dataset); or a
+            Hugging Face Hub name.
+        split: "train" or "validation" ("val", "test" are looked for as validation); any other split name
+            is read as is. Without a validation split, `val_fraction` of train is carved out with `seed`,
+            and excluded from "train"; with `val_fraction=0` nothing is carved and "validation" reads all of
+            the training data (what a reconstruction evaluation of a one-split source wants).
+        image_column, label_column: Hugging Face columns; detected by name or feature type when None.
+        streaming: read a Hugging Face dataset as an `IterableDataset` (folders and synthetic are indexed).
+        synthetic_size, synthetic_image_size: the synthetic train split's size and image side; its
+            validation split has max(64, synthetic_size // 8) images.
+    """
+    if path == "synthetic":
+        if split not in _SPLIT_ALIASES["train"] + _SPLIT_ALIASES["validation"]:
+            raise ValueError(f"the synthetic dataset has splits 'train' and 'validation', not {split!r}")
+        size = synthetic_size if split == "train" else max(64, synthetic_size // 8)
+        return SyntheticSource(size, synthetic_image_size, seed, split)
+    root = os.path.expanduser(path)
+    if os.path.isdir(root):
+        layout = _layout(root)
+        if layout in ("split_imagefolder", "imagefolder", "flat"):
+            if streaming:
+                logger.info("%s is a folder and is read map-style; streaming only applies to datasets", root)
+            return _open_folder(root, layout, split, val_fraction, seed)
+        saved = layout == "saved"
+    else:
+        saved = False  # a Hub name: datasets.load_dataset resolves it
+    return _open_huggingface(
+        root if os.path.isdir(root) else path,
+        split,
+        saved=saved,
+        image_column=image_column,
+        label_column=label_column,
+        streaming=streaming,
+        val_fraction=val_fraction,
+        seed=seed,
+    )

@@ -1,0 +1,131 @@
+"""End-to-end tests of scripts/eval_reconstruction.py on a model trained for a few steps."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from simmim.models import DeiTConfig, DeiTForImageClassification
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN = [
+    "data.path=synthetic",
+    "data.synthetic_size=128",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "model.hidden_size=32",
+    "model.num_hidden_layers=2",
+    "model.num_attention_heads=4",
+    "model.intermediate_size=64",
+    "model.image_size=32",
+    "model.patch_size=8",
+    "mask.patch_size=16",
+    "train.max_steps=4",
+    "train.save_every_steps=4",
+    "train.log_every_steps=2",
+    "train.eval_every_steps=4",
+]
+
+
+def run(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pretrain")
+    result = run("pretrain.py", [f"output_dir={out}", *PRETRAIN])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def evaluate(checkpoint: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = ["--checkpoint", str(checkpoint), "--data", "synthetic", "--num-images", "5", "--batch-size", "16"]
+    return run("eval_reconstruction.py", [*args, "--num-workers", "0", "--out", str(out), *extra])
+
+
+def test_writes_metrics_rows_and_grid(trained_run, tmp_path):
+    result = evaluate(trained_run, tmp_path / "eval")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    # The synthetic source's validation split: max(64, 128 // 8) images.
+    assert metrics["num_images"] == 64
+    for key in ("masked_l1", "masked_mse", "masked_psnr", "visible_l1", "visible_psnr"):
+        assert isinstance(metrics[key], float), key
+    for baseline in ("mean_fill", "random_init"):
+        assert set(metrics["baselines"][baseline]) == {"masked_l1", "masked_mse", "masked_psnr"}
+    assert metrics["mask_patch_size"] == 16 and metrics["mask_ratio"] == 0.6  # the run's, by default
+
+    with (tmp_path / "eval" / "per_image.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 64
+    assert {"image", "masked_l1", "masked_psnr", "visible_psnr"} <= set(rows[0])
+    mean_l1 = sum(float(r["masked_l1"]) for r in rows) / len(rows)
+    assert mean_l1 == pytest.approx(metrics["masked_l1"], rel=1e-6)
+
+    # 5 rows of 4 panels of 32 px, with make_grid's 2 px padding.
+    grid = Image.open(tmp_path / "eval" / "reconstructions.png")
+    assert grid.size == (4 * (32 + 2) + 2, 5 * (32 + 2) + 2)
+    # The run directory holds TensorBoard events, so the grid went there too.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(trained_run / "tb"), size_guidance={"images": 0})
+    tb.Reload()
+    assert "eval_reconstruction/grid" in tb.Tags()["images"]
+
+
+def test_two_runs_give_identical_numbers_and_the_export_matches_the_run(trained_run, tmp_path):
+    assert evaluate(trained_run, tmp_path / "a").returncode == 0
+    assert evaluate(trained_run / "export", tmp_path / "b").returncode == 0
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    for key in ("masked_l1", "masked_psnr", "visible_l1"):
+        assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-6)
+    for baseline in ("mean_fill", "random_init"):
+        assert a["baselines"][baseline] == pytest.approx(b["baselines"][baseline])
+
+
+def test_other_mask_ratio_and_image_size(trained_run, tmp_path):
+    result = evaluate(trained_run, tmp_path / "e", "--mask-ratio", "0.3", "--image-size", "48")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["image_size"] == 48 and metrics["mask_ratio"] == 0.3
+    assert Image.open(tmp_path / "e" / "reconstructions.png").size == (4 * 50 + 2, 5 * 50 + 2)
+
+
+def test_a_classifier_checkpoint_is_refused_with_exit_code_2(tmp_path):
+    classifier = tmp_path / "classifier"
+    DeiTForImageClassification(
+        DeiTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=8)
+    ).save_pretrained(classifier)
+    result = evaluate(classifier, tmp_path / "out")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "DeiTForImageClassification" in lines[0] and "masked-image" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_perfect_reconstruction_model_reaches_the_psnr_cap():
+    from simmim.metrics import PSNR_CAP, reconstruction_metrics
+
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.rand(2, 16) < 0.5
+    mask[:, 0] = True
+    m = reconstruction_metrics(x, x.clone(), mask, patch_size=8, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert torch.all(m["masked_l1"] == 0) and torch.all(m["masked_psnr"] == PSNR_CAP)

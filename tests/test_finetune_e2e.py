@@ -1,0 +1,175 @@
+"""End-to-end tests of scripts/finetune.py and scripts/predict.py: classification from a SimMIM export,
+distillation with a tiny random teacher, a CNN teacher run, exports read by Transformers, predictions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from simmim.models import DeiTConfig, DeiTForImageClassification, DeiTForMaskedImageModeling
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_size=8)
+TINY = [
+    "data.path=synthetic",
+    "data.synthetic_size=128",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    *(f"model.{k}={v}" for k, v in ARCH.items()),
+    "model.image_size=32",
+    "optim.base_lr=1e-2",
+    "optim.warmup_epochs=0.5",
+    "optim.layer_decay=0.75",
+    "train.epochs=1",
+    "train.save_every_steps=4",
+    "train.log_every_steps=2",
+    "aug.rand_augment=false",
+    "aug.mixup=0.8",
+    "aug.cutmix=1.0",
+]
+
+
+def run(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def simmim_export(tmp_path_factory) -> Path:
+    """A (random) SimMIM export at 48 px, so that fine-tuning at 32 px resizes the position embeddings."""
+    out = tmp_path_factory.mktemp("simmim") / "export"
+    torch.manual_seed(0)
+    DeiTForMaskedImageModeling(DeiTConfig(**ARCH, image_size=48, encoder_stride=8)).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cls_run(tmp_path_factory, simmim_export) -> Path:
+    out = tmp_path_factory.mktemp("cls")
+    result = run("finetune.py", [f"output_dir={out}", *TINY, "model.head=cls", f"model.init={simmim_export}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_cls_finetune_writes_metrics_and_a_transformers_export(cls_run):
+    metrics = json.loads((cls_run / "metrics.json").read_text())
+    assert [e["step"] for e in metrics["epochs"]] == [8]  # one evaluation per epoch, 128 / 16 steps
+    for key in ("top1", "top5", "loss"):
+        assert key in metrics["epochs"][0]
+    assert metrics["best"]["top1"] == metrics["epochs"][0]["top1"]
+    log = [json.loads(line) for line in (cls_run / "log.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "train" for r in log) and list((cls_run / "tb").glob("events.out.tfevents*"))
+
+    transformers = pytest.importorskip("transformers")
+    export = cls_run / "export"
+    theirs, info = transformers.DeiTForImageClassification.from_pretrained(export, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ours = DeiTForImageClassification.from_pretrained(export).eval()
+    assert ours.config.id2label == theirs.config.id2label
+    from simmim.data import open_source
+
+    assert list(ours.config.id2label.values()) == open_source("synthetic", "train").class_names
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, theirs.eval()(x).logits, atol=1e-4, rtol=0)
+    assert (export / "preprocessor_config.json").is_file()
+
+
+def test_distill_finetune_with_a_tiny_random_teacher(tmp_path, simmim_export):
+    teacher_dir = tmp_path / "teacher"
+    torch.manual_seed(1)
+    DeiTForImageClassification(DeiTConfig(**ARCH, image_size=32, num_labels=10)).save_pretrained(teacher_dir)
+    out = tmp_path / "distill"
+    args = [f"output_dir={out}", *TINY, "model.head=distill", f"model.init={simmim_export}"]
+    args += ["teacher.arch=deit", f"teacher.path={teacher_dir}", "distill.kind=soft", "distill.tau=2.0"]
+    result = run("finetune.py", args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["epochs"]
+
+    transformers = pytest.importorskip("transformers")
+    theirs, info = transformers.DeiTForImageClassificationWithTeacher.from_pretrained(
+        out / "export", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    from simmim.models import DeiTForImageClassificationWithTeacher
+
+    ours = DeiTForImageClassificationWithTeacher.from_pretrained(out / "export").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = ours(x), theirs.eval()(x)
+    for name in ("logits", "cls_logits", "distillation_logits"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-4, rtol=0)
+
+
+def test_cnn_teacher_run_then_distillation_from_it(tmp_path):
+    teacher = tmp_path / "cnn"
+    cnn = [*TINY, "model.head=cnn", "model.arch=resnet18", "optim.layer_decay=1.0", "train.max_steps=2"]
+    result = run("finetune.py", [f"output_dir={teacher}", *cnn])
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((teacher / "export" / "cnn_config.json").read_text())
+    assert meta["arch"] == "resnet18" and len(meta["id2label"]) == 10
+
+    out = tmp_path / "student"
+    args = [
+        f"output_dir={out}",
+        *TINY,
+        "model.head=distill",
+        "teacher.arch=resnet18",
+        f"teacher.path={teacher}/export",
+    ]
+    result = run("finetune.py", [*args, "train.max_steps=2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "export" / "config.json").is_file()
+
+
+def test_finetune_rejects_bad_config_before_running(tmp_path):
+    result = run("finetune.py", [f"output_dir={tmp_path}", "model.head=distill"])
+    assert result.returncode != 0
+    assert "teacher" in result.stderr
+    result = run("finetune.py", [f"output_dir={tmp_path}", "optim.base_lr=fast"])
+    assert result.returncode != 0 and "optim.base_lr" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_predict_prints_pipeline_style_json(cls_run, tmp_path):
+    from PIL import Image
+
+    from simmim.data import open_source
+
+    source = open_source("synthetic", "validation", synthetic_image_size=32)
+    files = []
+    for i in range(3):
+        image, _, _ = source[i]
+        files.append(tmp_path / f"img{i}.png")
+        image.save(files[-1])
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    result = run("predict.py", ["--model", str(cls_run / "export"), "--top-k", "3", str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [Path(line["image"]).name for line in lines] == ["img0.png", "img1.png", "img2.png"]
+    assert "broken.jpg" in result.stderr
+
+    # Independent check: Transformers' model on our processor's pixels gives the same top-3.
+    transformers = pytest.importorskip("transformers")
+    from simmim.models import DeiTImageProcessor
+
+    model = transformers.DeiTForImageClassification.from_pretrained(cls_run / "export").eval()
+    processor = DeiTImageProcessor.from_pretrained(cls_run / "export")
+    for line, file in zip(lines, files):
+        with torch.no_grad():
+            probs = model(**processor(Image.open(file))).logits.softmax(-1)[0]
+        scores, indices = probs.topk(3)
+        assert [p["label"] for p in line["predictions"]] == [model.config.id2label[int(i)] for i in indices]
+        assert [p["score"] for p in line["predictions"]] == pytest.approx(scores.tolist(), abs=1e-5)

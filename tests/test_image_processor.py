@@ -1,0 +1,147 @@
+"""DeiTImageProcessor against Transformers' PIL processor (the reference pipeline: PIL bicubic resize, center
+crop, rescale, normalise) and its torchvision one, plus a hand-worked example and the config file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from simmim.models import DeiTImageProcessor
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+CUSTOM = dict(image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, size=72, crop_size=64)
+CUSTOM_HF = dict(
+    image_mean=IMAGENET_MEAN,
+    image_std=IMAGENET_STD,
+    size={"height": 72, "width": 72},
+    crop_size={"height": 64, "width": 64},
+)
+
+
+def random_rgb(height: int = 280, width: int = 300, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    return (a - b).abs().max().item()
+
+
+@pytest.fixture(params=["default", "custom"])
+def processors(request):
+    """(ours, Transformers' PIL processor, Transformers' torchvision processor, std) with the same settings."""
+    transformers = pytest.importorskip("transformers")
+    ours_kw, hf_kw = ({}, {}) if request.param == "default" else (CUSTOM, CUSTOM_HF)
+    std = min(DeiTImageProcessor(**ours_kw).image_std)
+    return (
+        DeiTImageProcessor(**ours_kw),
+        transformers.DeiTImageProcessorPil(**hf_kw),
+        transformers.DeiTImageProcessor(**hf_kw),
+        std,
+    )
+
+
+def hf(processor, images) -> torch.Tensor:
+    return processor(images, return_tensors="pt")["pixel_values"]
+
+
+def test_pil_images_match_transformers_pil_processor(processors):
+    ours, pil, _, _ = processors
+    image = PIL.Image.fromarray(random_rgb())
+    expected = hf(pil, image)
+    assert expected.shape[-2:] == (ours.crop_size["height"], ours.crop_size["width"])
+    assert max_diff(ours(image)["pixel_values"], expected) <= 1e-4
+    batch = [image, PIL.Image.fromarray(random_rgb(301, 257, seed=1))]
+    assert max_diff(ours(batch)["pixel_values"], hf(pil, batch)) <= 1e-4
+
+
+def test_grayscale_image_becomes_three_equal_channels(processors):
+    """Transformers' processors reject an L-mode image with 3-channel statistics; the oracle is the same
+    image converted to RGB (gray replicated), which the PIL resize treats channel by channel."""
+    ours, pil, _, _ = processors
+    gray = PIL.Image.fromarray(random_rgb()[..., 0])
+    assert gray.mode == "L"
+    out = ours(gray)["pixel_values"]
+    assert out.shape[1] == 3
+    assert max_diff(out, hf(pil, gray.convert("RGB"))) <= 1e-4
+
+
+def test_arrays_and_tensors_match_transformers(processors):
+    """numpy HWC and torch CHW uint8 inputs are resized by torchvision's tensor bicubic (antialiased), as in
+    Transformers' default (torchvision) processor: equal to it, and within two grey levels of the PIL
+    pipeline (the two bicubic kernels round differently: |diff| <= 2/255/std after normalisation)."""
+    ours, pil, torchvision_processor, std = processors
+    array = random_rgb()
+    tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (C, H, W)
+    reference = hf(pil, PIL.Image.fromarray(array))
+    for image in (array, tensor):
+        out = ours(image)["pixel_values"]
+        assert max_diff(out, hf(torchvision_processor, image)) <= 1e-4
+        assert max_diff(out, reference) <= 2 / 255 / std + 1e-6
+    batch = torch.stack([tensor, tensor.flip(-1)])  # (B, C, H, W)
+    assert max_diff(ours(batch)["pixel_values"], hf(torchvision_processor, list(batch))) <= 1e-4
+
+
+def test_hand_worked_example_without_resize():
+    """A 4x6 image cropped to its central 2x2, rescaled and normalised by hand; as a (4, 6, 3) array (four
+    rows, not four channels) and as a (3, 4, 6) tensor."""
+    image = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3) * 3  # values 0..213
+    processor = DeiTImageProcessor(
+        do_resize=False, crop_size=2, image_mean=[0.5, 0.4, 0.3], image_std=[0.5, 0.2, 0.1]
+    )
+    center = image[1:3, 2:4].astype(np.float64) / 255  # rows 1-2, columns 2-3: the central 2x2
+    expected = ((center - [0.5, 0.4, 0.3]) / [0.5, 0.2, 0.1]).transpose(2, 0, 1)  # (C, 2, 2)
+    for form in (image, torch.from_numpy(image).permute(2, 0, 1)):
+        out = processor(form)["pixel_values"]
+        assert out.shape == (1, 3, 2, 2)
+        np.testing.assert_allclose(out[0].numpy(), expected, atol=1e-5)
+
+
+def test_call_overrides_and_bad_arguments():
+    image = PIL.Image.fromarray(random_rgb())
+    processor = DeiTImageProcessor(size=40, crop_size=32)
+    assert processor(image, do_center_crop=False)["pixel_values"].shape == (1, 3, 40, 40)
+    assert processor.size == {"height": 40, "width": 40}  # the override was for that call only
+    with pytest.raises(ValueError, match="unknown"):
+        processor(image, do_flip=True)
+    with pytest.raises(ValueError, match="return_tensors"):
+        processor(image, return_tensors="np")
+    with pytest.raises(ValueError, match="resample"):
+        DeiTImageProcessor(resample=9)
+    with pytest.raises(ValueError, match="shortest_edge"):
+        DeiTImageProcessor(size={"shortest_edge": 256})
+
+
+def test_config_round_trip_with_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ours = DeiTImageProcessor(**CUSTOM, resample=2)
+    ours.save_pretrained(tmp_path / "ours")
+    back = DeiTImageProcessor.from_pretrained(tmp_path / "ours")
+    assert back.to_dict() == ours.to_dict()
+    saved = json.loads((tmp_path / "ours" / "preprocessor_config.json").read_text())
+    assert saved["image_processor_type"] == "DeiTImageProcessor"
+
+    theirs = transformers.DeiTImageProcessorPil.from_pretrained(tmp_path / "ours")
+    for key in (
+        "do_resize",
+        "size",
+        "resample",
+        "do_center_crop",
+        "crop_size",
+        "rescale_factor",
+        "do_normalize",
+    ):
+        assert theirs.to_dict()[key] == ours.to_dict()[key], key
+    assert list(theirs.image_mean) == IMAGENET_MEAN and list(theirs.image_std) == IMAGENET_STD
+    image = PIL.Image.fromarray(random_rgb())
+    assert max_diff(back(image)["pixel_values"], hf(theirs, image)) <= 1e-4
+
+    transformers.DeiTImageProcessorPil(**CUSTOM_HF, do_center_crop=False).save_pretrained(tmp_path / "theirs")
+    ours = DeiTImageProcessor.from_pretrained(tmp_path / "theirs")
+    assert ours.do_center_crop is False and ours.size == {"height": 72, "width": 72}
+    assert ours.image_mean == IMAGENET_MEAN and ours.image_std == IMAGENET_STD

@@ -1,0 +1,374 @@
+"""Behaviour of the DeiT models: invalid configs and inputs, what simmim adds beyond Transformers
+(any input size, a trainable teacher class, stochastic depth, bf16), checked against hand computations and,
+where Transformers has the feature, against Transformers on the same random weights."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from simmim.models import (
+    DeiTConfig,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    DeiTForMaskedImageModeling,
+    DeiTModel,
+)
+
+TOL = 1e-4
+CLASSES = {
+    "DeiTModel": DeiTModel,
+    "DeiTForMaskedImageModeling": DeiTForMaskedImageModeling,
+    "DeiTForImageClassification": DeiTForImageClassification,
+    "DeiTForImageClassificationWithTeacher": DeiTForImageClassificationWithTeacher,
+}
+
+
+def tiny_config(**overrides) -> DeiTConfig:
+    values = dict(
+        image_size=32,
+        patch_size=8,
+        encoder_stride=8,
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=5,
+    )
+    return DeiTConfig(**{**values, **overrides})
+
+
+@torch.no_grad()
+def fill_random(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
+    """Every parameter random, tokens and position embeddings included (zeros would hide their misuse)."""
+    g = torch.Generator().manual_seed(seed)
+    for _, p in sorted(model.named_parameters()):
+        p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def max_diff(a, b) -> float:
+    if isinstance(a, (tuple, list)):
+        assert len(a) == len(b)
+        return max(max_diff(x, y) for x, y in zip(a, b))
+    return (a - b).abs().max().item()
+
+
+def simmim_loss_by_loops(x: np.ndarray, rec: np.ndarray, mask: np.ndarray, p: int) -> float:
+    """SimMIM's loss written out: sum of |x - rec| over the pixels and channels of the masked patches,
+    divided by (number of masked pixels + 1e-5) and by C. x, rec: (B, C, H, W); mask: (B, h*w), row-major."""
+    B, C, H, W = x.shape
+    w = W // p
+    total, pixels = 0.0, 0
+    for b in range(B):
+        for i in range(mask.shape[1]):
+            if not mask[b, i]:
+                continue
+            r, c = divmod(i, w)
+            block = np.abs(
+                x[b, :, r * p : (r + 1) * p, c * p : (c + 1) * p]
+                - rec[b, :, r * p : (r + 1) * p, c * p : (c + 1) * p]
+            )
+            total += float(block.astype(np.float64).sum())
+            pixels += p * p
+    return total / (pixels + 1e-5) / C
+
+
+def transformers_twin(model: torch.nn.Module, tmp_path, **kwargs):
+    """The same weights in Transformers' class of the same name (through our save_pretrained)."""
+    transformers = pytest.importorskip("transformers")
+    model.save_pretrained(tmp_path / "ckpt")
+    twin = getattr(transformers, type(model).__name__).from_pretrained(tmp_path / "ckpt", **kwargs)
+    return twin.eval()
+
+
+# ---------------------------------------------------------------------------------------------- bad config
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(hidden_size=30, num_attention_heads=4), "hidden_size"),
+        (dict(image_size=36), "image_size"),
+        (dict(image_size=(32, 36)), "image_size"),
+        (dict(hidden_dropout_prob=1.0), "hidden_dropout_prob"),
+        (dict(hidden_dropout_prob=-0.1), "hidden_dropout_prob"),
+        (dict(attention_probs_dropout_prob=1.5), "attention_probs_dropout_prob"),
+        (dict(drop_path_rate=1.0), "drop_path_rate"),
+        (dict(hidden_act="gelu_fast_typo"), "hidden_act"),
+    ],
+)
+def test_invalid_config_raises_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_encoder_stride_must_equal_patch_size_for_masked_image_modeling():
+    config = tiny_config(encoder_stride=16)  # a valid config for every other class
+    DeiTForImageClassification(config)
+    with pytest.raises(ValueError, match="encoder_stride"):
+        DeiTForMaskedImageModeling(config)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_other_input_size_without_interpolation_raises(name):
+    model = CLASSES[name](tiny_config()).eval()
+    with pytest.raises(ValueError, match="interpolate_pos_encoding"):
+        model(torch.randn(1, 3, 48, 48))
+
+
+def test_input_not_divisible_by_patch_size_raises():
+    model = DeiTModel(tiny_config()).eval()
+    with pytest.raises(ValueError, match="patch_size"):
+        model(torch.randn(1, 3, 36, 32), interpolate_pos_encoding=True)
+
+
+def test_wrong_channel_count_raises():
+    with pytest.raises(ValueError, match="pixel_values"):
+        DeiTModel(tiny_config())(torch.randn(1, 1, 32, 32))
+
+
+@pytest.mark.parametrize("shape", [(2, 15), (2, 4, 4), (1, 16), (2, 36)])
+def test_wrong_bool_masked_pos_shape_raises(shape):
+    model = DeiTForMaskedImageModeling(tiny_config()).eval()
+    with pytest.raises(ValueError, match="bool_masked_pos"):
+        model(torch.randn(2, 3, 32, 32), bool_masked_pos=torch.zeros(shape, dtype=torch.bool))
+
+
+def test_bool_masked_pos_without_mask_token_raises():
+    with pytest.raises(ValueError, match="mask token"):
+        DeiTModel(tiny_config())(
+            torch.randn(1, 3, 32, 32), bool_masked_pos=torch.ones(1, 16, dtype=torch.bool)
+        )
+
+
+def test_teacher_logits_without_labels_raises():
+    model = DeiTForImageClassificationWithTeacher(tiny_config())
+    with pytest.raises(ValueError, match="labels"):
+        model(torch.randn(2, 3, 32, 32), teacher_logits=torch.randn(2, 5))
+
+
+# ---------------------------------------------------------------------------------------------- any input size
+@pytest.mark.parametrize(
+    "name", ["DeiTModel", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher"]
+)
+@pytest.mark.parametrize("size", [(48, 48), (48, 32), (16, 24)])
+def test_interpolate_pos_encoding_matches_transformers(name, size, tmp_path):
+    ours = fill_random(CLASSES[name](tiny_config())).eval()
+    theirs = transformers_twin(ours, tmp_path)
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        a = ours(x, interpolate_pos_encoding=True)
+        b = theirs(x, interpolate_pos_encoding=True)
+    assert set(b.keys()) - {"hidden_states", "attentions"}
+    for key in b.keys():
+        assert max_diff(getattr(a, key), b[key]) <= TOL, key
+
+
+@pytest.mark.parametrize("size", [(48, 48), (48, 32), (24, 40)])
+def test_masked_image_modeling_at_other_sizes(size, tmp_path):
+    """The mask, the decoder and the loss follow the input's patch grid. Transformers' own head reshapes to
+    the config's square grid, so the oracle is its encoder followed by its decoder applied by hand."""
+    p = 8
+    h, w = size[0] // p, size[1] // p
+    ours = fill_random(DeiTForMaskedImageModeling(tiny_config())).eval()
+    theirs = transformers_twin(ours, tmp_path)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 3, *size, generator=g)
+    mask = torch.rand(3, h * w, generator=g) < 0.6
+    mask[0, 0] = True  # at least one masked patch
+    with torch.no_grad():
+        out = ours(x, bool_masked_pos=mask, interpolate_pos_encoding=True)
+        unmasked = ours(x, interpolate_pos_encoding=True)
+        tokens = theirs.deit(x, bool_masked_pos=mask, interpolate_pos_encoding=True).last_hidden_state
+        grid = tokens[:, 2:].transpose(1, 2).reshape(3, -1, h, w)  # (B, D, h, w)
+        expected = theirs.decoder(grid)
+    assert out.reconstruction.shape == (3, 3, *size)
+    assert max_diff(out.reconstruction, expected) <= TOL
+    expected_loss = simmim_loss_by_loops(x.numpy(), out.reconstruction.numpy(), mask.numpy(), p)
+    assert out.loss.item() == pytest.approx(expected_loss, rel=1e-5, abs=1e-6)
+    assert unmasked.loss is None and unmasked.reconstruction.shape == (3, 3, *size)
+
+
+def test_masked_image_modeling_loss_at_config_size_matches_hand_computation():
+    model = fill_random(DeiTForMaskedImageModeling(tiny_config())).eval()
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, [0, 5, 15]] = True
+    mask[1, [3]] = True
+    with torch.no_grad():
+        out = model(x, bool_masked_pos=mask)
+    expected = simmim_loss_by_loops(x.numpy(), out.reconstruction.numpy(), mask.numpy(), 8)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- extra outputs
+def test_output_attentions_are_probabilities_and_do_not_change_the_output():
+    model = fill_random(DeiTForImageClassificationWithTeacher(tiny_config())).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(x)
+        out = model(x, output_attentions=True)
+    T = 2 + 16  # class + distillation tokens + 4x4 patches
+    assert len(out.attentions) == 2
+    for a in out.attentions:
+        assert a.shape == (2, 4, T, T)
+        assert (a >= 0).all()
+        torch.testing.assert_close(a.sum(-1), torch.ones(2, 4, T), atol=1e-5, rtol=0)
+    # The explicit-softmax path and the fused kernel compute the same attention.
+    assert max_diff(out.logits, plain.logits) <= 1e-5
+
+
+def test_hidden_states_are_embeddings_then_each_block():
+    config = tiny_config(num_hidden_layers=3)
+    model = fill_random(DeiTModel(config)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x, output_hidden_states=True)
+        emb = model.embeddings(x)
+    assert len(out.hidden_states) == config.num_hidden_layers + 1
+    assert max_diff(out.hidden_states[0], emb) == 0
+    norm = model.layernorm
+    expected_last = F.layer_norm(out.hidden_states[-1], (32,), norm.weight, norm.bias, config.layer_norm_eps)
+    assert max_diff(out.last_hidden_state, expected_last) <= 1e-5
+    pooler = model.pooler.dense
+    expected_pool = torch.tanh(out.last_hidden_state[:, 0] @ pooler.weight.T + pooler.bias)
+    assert max_diff(out.pooler_output, expected_pool) <= 1e-5
+
+
+def test_outputs_index_like_transformers():
+    model = DeiTForImageClassification(tiny_config()).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 1]))
+    assert out[0] is out.loss and out[1] is out.logits and out["logits"] is out.logits
+    assert len(out.to_tuple()) == 2  # hidden_states and attentions were not asked for
+
+
+# ---------------------------------------------------------------------------------------------- training
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def cross_entropy(logits: torch.Tensor, labels: np.ndarray) -> float:
+    lp = log_softmax(logits.detach().numpy())
+    return float(-np.mean([lp[i, labels[i]] for i in range(len(labels))]))
+
+
+def test_classifier_losses():
+    x = torch.randn(4, 3, 32, 32)
+    model = fill_random(DeiTForImageClassification(tiny_config())).eval()
+    labels = np.array([0, 4, 2, 2])
+    out = model(x, labels=torch.from_numpy(labels))
+    assert out.loss.item() == pytest.approx(cross_entropy(out.logits, labels), rel=1e-5)
+    # MixUp/CutMix targets: soft cross-entropy, -sum_c t_c log p_c averaged over the batch.
+    targets = np.random.default_rng(0).dirichlet(np.ones(5), size=4)
+    out = model(x, labels=torch.tensor(targets, dtype=torch.float32))
+    expected = float(np.mean(-(targets * log_softmax(out.logits.detach().numpy())).sum(-1)))
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+    # One output: regression.
+    regressor = fill_random(DeiTForImageClassification(tiny_config(num_labels=1))).eval()
+    y = np.array([0.5, -1.0, 2.0, 0.0])
+    out = regressor(x, labels=torch.tensor(y, dtype=torch.float32))
+    expected = float(np.mean((out.logits.detach().numpy()[:, 0] - y) ** 2))
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_teacher_class_trains_both_heads_and_the_distillation_token():
+    model = fill_random(DeiTForImageClassificationWithTeacher(tiny_config()), std=0.1).train()
+    x = torch.randn(4, 3, 32, 32)
+    labels = np.array([1, 0, 3, 3])
+    teacher = torch.randn(4, 5)
+    out = model(
+        x, labels=torch.from_numpy(labels), teacher_logits=teacher, distillation_type="hard", alpha=0.3
+    )
+    # DeiT's hard distillation: (1 - alpha) CE(cls, labels) + alpha CE(dist, argmax teacher).
+    expected = 0.7 * cross_entropy(out.cls_logits, labels) + 0.3 * cross_entropy(
+        out.distillation_logits, teacher.argmax(-1).numpy()
+    )
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+    assert max_diff(out.logits, (out.cls_logits + out.distillation_logits) / 2) <= 1e-6
+    out.loss.backward()
+    for name in (
+        "cls_classifier.weight",
+        "distillation_classifier.weight",
+        "deit.embeddings.distillation_token",
+    ):
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+    model.zero_grad()
+    out = model(x, labels=torch.from_numpy(labels))  # no teacher: both heads learn the labels
+    expected = 0.5 * (cross_entropy(out.cls_logits, labels) + cross_entropy(out.distillation_logits, labels))
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+    out.loss.backward()
+    assert model.distillation_classifier.weight.grad.abs().sum() > 0
+
+
+def test_every_parameter_gets_a_gradient_in_a_masked_image_modeling_step():
+    model = DeiTForMaskedImageModeling(tiny_config()).train()
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.rand(2, 16, generator=torch.Generator().manual_seed(0)) < 0.5
+    mask[:, 0] = True
+    model(x, bool_masked_pos=mask).loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_stochastic_depth_is_random_in_training_only():
+    model = fill_random(DeiTForImageClassification(tiny_config(drop_path_rate=0.5)), std=0.1)
+    x = torch.randn(8, 3, 32, 32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.train()
+        first, second = model(x).logits, model(x).logits
+        model.eval()
+        third, fourth = model(x).logits, model(x).logits
+    assert max_diff(first, second) > 1e-3
+    assert max_diff(third, fourth) == 0
+    # Without stochastic depth (and with no dropout) training mode is deterministic too.
+    plain = fill_random(DeiTForImageClassification(tiny_config()), std=0.1).train()
+    with torch.no_grad():
+        assert max_diff(plain(x).logits, plain(x).logits) == 0
+
+
+def test_drop_path_rates_increase_linearly_to_the_config_rate():
+    model = DeiTModel(tiny_config(num_hidden_layers=5, drop_path_rate=0.2))
+    rates = [layer.drop_path_rate for layer in model.layers]
+    assert rates == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
+
+
+def test_bf16_autocast_on_cpu_trains():
+    model = DeiTForMaskedImageModeling(tiny_config()).train()
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, ::2] = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, bool_masked_pos=mask)
+    assert out.reconstruction.dtype == torch.bfloat16
+    assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_parameter_count_matches_deit_tiny():
+    """DeiT-Ti distilled has 5.91M parameters (Touvron et al., Table 1 lists 5M for DeiT-Ti; timm reports
+    5,910,800 for deit_tiny_distilled_patch16_224): 12 blocks of 12 D^2 + 13 D, embeddings, norm, two heads."""
+    config = DeiTConfig(
+        hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, num_labels=1000
+    )
+    model = DeiTForImageClassificationWithTeacher(config)
+    D = 192
+    block = 4 * D * D + 4 * D + 2 * D * 768 + 768 + D + 4 * D  # qkv+proj, mlp, two norms
+    embeddings = 3 * 16 * 16 * D + D + 2 * D + (196 + 2) * D
+    heads = 2 * (D * 1000 + 1000)
+    expected = 12 * block + embeddings + 2 * D + heads
+    assert sum(p.numel() for p in model.parameters()) == expected == 5_910_800
+    assert math.isclose(expected / 1e6, 5.91, abs_tol=0.01)
