@@ -58,7 +58,8 @@ def simmim_export(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cls_run(tmp_path_factory, simmim_export) -> Path:
     out = tmp_path_factory.mktemp("cls")
-    result = run("finetune.py", [f"output_dir={out}", *TINY, "model.head=cls", f"model.init={simmim_export}"])
+    args = [f"output_dir={out}", *TINY, "model.head=cls", f"model.init={simmim_export}", "train.ema=0.9"]
+    result = run("finetune.py", args)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -66,9 +67,10 @@ def cls_run(tmp_path_factory, simmim_export) -> Path:
 def test_cls_finetune_writes_metrics_and_a_transformers_export(cls_run):
     metrics = json.loads((cls_run / "metrics.json").read_text())
     assert [e["step"] for e in metrics["epochs"]] == [8]  # one evaluation per epoch, 128 / 16 steps
-    for key in ("top1", "top5", "loss"):
+    for key in ("top1", "top5", "loss", "ema_top1", "ema_top5"):
         assert key in metrics["epochs"][0]
-    assert metrics["best"]["top1"] == metrics["epochs"][0]["top1"]
+    epoch = metrics["epochs"][0]
+    assert metrics["best"]["top1"] == max(epoch["top1"], epoch["ema_top1"])
     log = [json.loads(line) for line in (cls_run / "log.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "train" for r in log) and list((cls_run / "tb").glob("events.out.tfevents*"))
 
@@ -173,3 +175,23 @@ def test_predict_prints_pipeline_style_json(cls_run, tmp_path):
         scores, indices = probs.topk(3)
         assert [p["label"] for p in line["predictions"]] == [model.config.id2label[int(i)] for i in indices]
         assert [p["score"] for p in line["predictions"]] == pytest.approx(scores.tolist(), abs=1e-5)
+
+
+def test_finetune_resumes_exactly(tmp_path, simmim_export):
+    """A run stopped after 4 steps and started again ends with the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    common = [*TINY, "model.head=cls", f"model.init={simmim_export}", "train.save_every_steps=100"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert run("finetune.py", [f"output_dir={full}", *common]).returncode == 0
+    assert run("finetune.py", [f"output_dir={split}", *common, "train.max_steps=4"]).returncode == 0
+    result = run("finetune.py", [f"output_dir={split}", *common])
+    assert result.returncode == 0 and "resuming from" in result.stdout + result.stderr
+
+    def last(run_dir):
+        index = json.loads((run_dir / "checkpoints" / "index.json").read_text())
+        return load_file(str(run_dir / "checkpoints" / index["latest"] / "model.safetensors"))
+
+    a, b = last(full), last(split)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)

@@ -209,3 +209,59 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
         schedule["kind"] == "schedule" and schedule["num_processes"] == 2 and schedule["global_batch"] == 16
     )
     assert_same_weights(final_weights(two), final_weights(one), atol=1e-5)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    common = [*TINY, "model.drop_path_rate=0.0", "train.max_steps=3", "train.save_every_steps=3"]
+    big = tmp_path / "big"
+    assert run_script([f"output_dir={big}", *common, "data.batch_size=16"]).returncode == 0
+    accumulated = tmp_path / "accumulated"
+    result = run_script(
+        [f"output_dir={accumulated}", *common, "data.batch_size=8", "optim.grad_accum_steps=2"]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(final_weights(accumulated), final_weights(big), atol=1e-5)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "diverged"
+    # An absurd learning rate: the weights blow up within a few steps and the loss becomes inf/nan.
+    args = [f"output_dir={out}", *TINY, "optim.base_lr=1e12", "optim.warmup_epochs=0", "optim.clip_grad=null"]
+    result = run_script([*args, "train.save_every_steps=1", "train.log_every_steps=1"])
+    assert result.returncode != 0
+    assert "non-finite at step" in result.stderr
+    bad_step = int(result.stderr.split("non-finite at step ")[1].split(";")[0])
+    # The newest checkpoint predates the bad step and holds finite weights.
+    assert latest_step(out) <= bad_step
+    assert all(torch.isfinite(t).all() for t in final_weights(out).values())
+
+
+def test_export_command_and_keep_last(tmp_path, reference):
+    out = tmp_path / "run"
+    assert run_script([f"output_dir={out}", *TINY, "train.keep_last=3"]).returncode == 0
+    index = json.loads((out / "checkpoints" / "index.json").read_text())
+    assert len(index["checkpoints"]) == 3
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == index["checkpoints"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    oldest = out / "checkpoints" / index["checkpoints"][0]
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "export.py"),
+            str(out),
+            "--out",
+            str(tmp_path / "e"),
+            "--checkpoint",
+            str(oldest),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    from simmim.models import DeiTForMaskedImageModeling
+
+    exported = DeiTForMaskedImageModeling.from_pretrained(tmp_path / "e").state_dict()
+    assert_same_weights(exported, load_file(str(oldest / "model.safetensors")))
+    assert (tmp_path / "e" / "preprocessor_config.json").is_file()
