@@ -28,12 +28,11 @@ from simmim.data import (
     IMAGENET_STD,
     LabeledImageDataset,
     MixUpCutMix,
-    build_loader,
     collate_classification,
     eval_transform,
     finetune_transform,
 )
-from simmim.engine import make_accelerator, train
+from simmim.engine import evaluation_loader, make_accelerator, train
 from simmim.losses import classification_loss
 from simmim.models import (
     DeiTConfig,
@@ -282,17 +281,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     @torch.no_grad()
     def evaluate(model: nn.Module, step: int, log) -> dict[str, float]:
         """Top-1 / top-5 accuracy (%) and cross-entropy on the whole validation split."""
-        loader = build_loader(
-            val_set,
-            batch_size=d.batch_size,
-            shuffle=False,
-            drop_last=False,
-            num_workers=d.num_workers,
-            seed=cfg.seed,
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
-            collate_fn=collate_classification,
-        )
+        loader = evaluation_loader(val_set, cfg, accelerator, collate_classification)
         k = min(5, num_classes)
         totals = torch.zeros(4, device=accelerator.device)  # (loss sum, top-1 hits, top-k hits, images)
         for batch in loader:

@@ -14,13 +14,12 @@ from accelerate.utils import set_seed
 from simmim.config import PretrainConfig, config_to_dict, deit_config_kwargs, save_config
 from simmim.data import (
     MaskedImageDataset,
-    build_loader,
     collate_pretrain,
     eval_transform,
     open_source,
     pretrain_transform,
 )
-from simmim.engine import make_accelerator, train
+from simmim.engine import evaluation_loader, make_accelerator, train
 from simmim.masking import MaskGenerator
 from simmim.models import DeiTConfig, DeiTForMaskedImageModeling, DeiTImageProcessor
 from simmim.run_log import RunLog
@@ -124,17 +123,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     @torch.no_grad()
     def evaluate(model, step: int, log: RunLog) -> dict[str, float]:
         """Masked L1 on (up to `train.eval_batches` batches of) the held-out split, and a grid of them."""
-        loader = build_loader(
-            val_set,
-            batch_size=d.batch_size,
-            shuffle=False,
-            drop_last=False,
-            num_workers=d.num_workers,
-            seed=cfg.seed,
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
-            collate_fn=collate_pretrain,
-        )
+        loader = evaluation_loader(val_set, cfg, accelerator, collate_pretrain)
         total = torch.zeros(2, device=accelerator.device)  # (sum of per-batch loss * images, images)
         for i, batch in enumerate(loader):
             if cfg.train.eval_batches is not None and i == cfg.train.eval_batches:
