@@ -62,11 +62,13 @@ def main() -> int:
 
     # Without --split: the validation split, or every image when the source has none (val_fraction 0).
     synthetic_size = run.data.synthetic_size if run else 1024  # the run's held-out synthetic images
+    # A split carved from a one-split source uses the run's seed and fraction, so it is the run's held-out part.
+    carve_seed, carve_fraction = (run.seed, run.data.val_fraction) if run else (0, 0.05)
     source = open_source(
         args.data,
         args.split or "validation",
-        val_fraction=0.05 if args.split else 0.0,
-        seed=args.seed,
+        val_fraction=carve_fraction if args.split else 0.0,
+        seed=carve_seed,
         synthetic_size=synthetic_size,
         synthetic_image_size=image_size,
     )

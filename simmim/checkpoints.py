@@ -30,6 +30,19 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_index(output_dir: str | Path) -> dict[str, Any]:
+    index_file = Path(output_dir) / "checkpoints" / "index.json"
+    if not index_file.is_file():
+        return {"latest": None, "checkpoints": []}
+    return json.loads(index_file.read_text())
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run directory, or None."""
+    name = read_index(output_dir)["latest"]
+    return Path(output_dir) / "checkpoints" / name if name else None
+
+
 class CheckpointManager:
     def __init__(self, output_dir: str | Path, accelerator: Accelerator, keep_last: int = 2) -> None:
         if keep_last < 1:
@@ -43,13 +56,10 @@ class CheckpointManager:
         return self.dir / "index.json"
 
     def index(self) -> dict[str, Any]:
-        if not self.index_file.is_file():
-            return {"latest": None, "checkpoints": []}
-        return json.loads(self.index_file.read_text())
+        return read_index(self.dir.parent)
 
     def latest(self) -> Path | None:
-        name = self.index()["latest"]
-        return self.dir / name if name else None
+        return latest_checkpoint(self.dir.parent)
 
     def save(
         self,
@@ -66,12 +76,19 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every process's RNG file is in tmp before it is renamed
         if acc.is_main_process:
             for file, tensor_dict in (tensors or {}).items():
                 save_file({k: v.detach().cpu().contiguous() for k, v in tensor_dict.items()}, str(tmp / file))
             _write_json_atomic(tmp / TRAINER_STATE, {"step": step, **trainer_state})
-            shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step after a resume
+            old = self.dir / f".old-{name}"
+            if (
+                final.exists()
+            ):  # a re-save of the same step: the index may name it, so swap, never delete first
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
             os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
             index = self.index()
             names = [n for n in index["checkpoints"] if n != name] + [name]
             stale, names = names[: -self.keep_last], names[-self.keep_last :]
@@ -83,6 +100,13 @@ class CheckpointManager:
 
     def load(self, path: Path) -> tuple[dict[str, Any], Path]:
         """Restore model, optimizer, scaler and RNG states; returns (trainer_state, checkpoint dir)."""
+        # accelerate only logs a failure to restore RNG states; an inexact resume must not pass silently.
+        rng = path / f"random_states_{self.accelerator.process_index}.pkl"
+        if not rng.is_file():
+            raise FileNotFoundError(
+                f"{path} lacks {rng.name}: it was saved by fewer processes ({self.accelerator.num_processes} now); "
+                "resume with the same number of processes"
+            )
         self.accelerator.load_state(str(path))
         return json.loads((path / TRAINER_STATE).read_text()), path
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from simmim.checkpoints import CheckpointManager
 from simmim.config import DataConfig, OptimConfig, TrainConfig
-from simmim.data import build_loader, check_bad_fraction
+from simmim.data import BadImageError, build_loader, check_bad_fraction
 from simmim.optim import ModelEma, lr_at, param_groups, scaled_lr, set_lr
 from simmim.run_log import RunLog
 
@@ -256,7 +256,7 @@ def train(
     # Device-side accumulators: read back (.item()) only when logging.
     loss_sum = torch.zeros((), device=acc.device)
     first_bad_step = torch.full((), -1, dtype=torch.long, device=acc.device)
-    window_images, window_skipped, window_start = 0, 0, time.perf_counter()
+    window = {"micro_batches": 0, "images": 0, "skipped": 0, "start": time.perf_counter()}
     last_batch: dict[str, Any] | None = None
 
     def check_finite() -> None:
@@ -271,35 +271,66 @@ def train(
                 f"({checkpoints.latest()}) is intact. Lower optim.base_lr or enable optim.clip_grad."
             )
 
+    def flush_window() -> dict[str, float]:
+        """Fold the images seen since the last flush into the counters (all processes); returns log values."""
+        seen = acc.reduce(torch.tensor([window["images"], window["skipped"]], device=acc.device), "sum")
+        mean_loss = acc.reduce(loss_sum, "mean").item() / max(window["micro_batches"], 1)
+        counters.images_seen += int(seen[0])
+        counters.images_skipped += int(seen[1])
+        check_bad_fraction(
+            counters.images_skipped, counters.images_seen + counters.images_skipped, cfg.data.max_bad_fraction
+        )
+        values = {
+            "loss": mean_loss,
+            "lr": schedule.lr(step - 1),
+            "img_per_s": int(seen[0]) / (time.perf_counter() - window["start"]),
+            "epoch": step / schedule.steps_per_epoch,
+            "images_skipped": counters.images_skipped,
+        }
+        loss_sum.zero_()
+        window.update(micro_batches=0, images=0, skipped=0, start=time.perf_counter())
+        return values
+
+    def fallback_batch() -> dict[str, Any]:
+        """Any readable training batch (built only if a process's first micro-batch was all unreadable)."""
+        loader = build_loader(
+            train_set, batch_size=cfg.data.batch_size, shuffle=False, drop_last=False, num_workers=0,
+            seed=cfg.seed, collate_fn=collate_fn,
+        )  # fmt: skip
+        for batch in loader:
+            if len(batch["index"]):
+                return move_to(batch, acc.device)
+        raise BadImageError(f"no image of the training split {cfg.data.path} could be decoded")
+
     model.train()
     with StopSignal() as stop:
         while step < schedule.total_steps:
             set_lr(optimizer, schedule.lr(step))
             for micro in range(accum):
                 batch = next(batches)
-                window_skipped += batch["num_skipped"]
+                window["skipped"] += batch["num_skipped"]
                 weight = 1.0 / accum
                 if len(batch["index"]) == 0:
                     # Every image of this micro-batch was unreadable. Every process must still run a forward and
-                    # backward (DDP all-reduces), so the last good micro-batch goes through with weight 0.
-                    if last_batch is None:
-                        continue
-                    batch, weight = last_batch, 0.0
+                    # backward (DDP all-reduces), so a readable batch goes through with weight 0.
+                    batch, weight = last_batch if last_batch is not None else fallback_batch(), 0.0
                 else:
                     batch = last_batch = move_to(batch, acc.device)
-                    window_images += batch["pixel_values"].shape[0]
+                    window["images"] += batch["pixel_values"].shape[0]
+                    window["micro_batches"] += 1
                 # Gradients are all-reduced only on the last micro-batch of the step.
                 sync = micro == accum - 1
                 with nullcontext() if sync else acc.no_sync(model), acc.autocast():
                     loss = loss_fn(model, batch)
                 acc.backward(loss * weight)
-                loss = loss.detach()
-                loss_sum += loss * (weight * accum)
-                first_bad_step = torch.where(
-                    (first_bad_step < 0) & ~torch.isfinite(loss),
-                    torch.full_like(first_bad_step, step),
-                    first_bad_step,
-                )
+                if weight > 0:
+                    loss = loss.detach()
+                    loss_sum += loss
+                    first_bad_step = torch.where(
+                        (first_bad_step < 0) & ~torch.isfinite(loss),
+                        torch.full_like(first_bad_step, step),
+                        first_bad_step,
+                    )
             # With no clipping, an infinite threshold still returns the norm for the log.
             grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad or math.inf)
             optimizer.step()
@@ -309,47 +340,28 @@ def train(
             step += 1
             bar.update(1)
 
-            if step % cfg.train.log_every_steps == 0 or step == schedule.total_steps:
+            last_step = step == schedule.total_steps
+            if step % cfg.train.log_every_steps == 0 or last_step:
                 check_finite()
-                seen = torch.tensor([window_images, window_skipped], device=acc.device)
-                seen = acc.reduce(seen, "sum")
-                mean_loss = acc.reduce(loss_sum, "mean").item() / (accum * cfg.train.log_every_steps)
-                counters.images_seen += int(seen[0])
-                counters.images_skipped += int(seen[1])
-                check_bad_fraction(
-                    counters.images_skipped,
-                    counters.images_seen + counters.images_skipped,
-                    cfg.data.max_bad_fraction,
-                )
-                elapsed = time.perf_counter() - window_start
-                values = {
-                    "loss": mean_loss,
-                    "lr": schedule.lr(step - 1),
-                    "grad_norm": float(grad_norm),
-                    "img_per_s": int(seen[0]) / elapsed,
-                    "epoch": step / schedule.steps_per_epoch,
-                    "images_skipped": counters.images_skipped,
-                }
+                values = {**flush_window(), "grad_norm": float(grad_norm)}
                 log.write(step, values)
                 bar.set_postfix(
-                    loss=f"{mean_loss:.4f}", lr=f"{values['lr']:.2e}", img_s=f"{values['img_per_s']:.0f}"
+                    loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", img_s=f"{values['img_per_s']:.0f}"
                 )
-                loss_sum.zero_()
-                window_images = window_skipped = 0
-                window_start = time.perf_counter()
 
-            epoch_end = step % schedule.steps_per_epoch == 0
-            if (eval_each_epoch and epoch_end) or (
-                not eval_each_epoch and step % cfg.train.eval_every_steps == 0
-            ):
+            cadence = (
+                step % schedule.steps_per_epoch if eval_each_epoch else step % cfg.train.eval_every_steps
+            )
+            if evaluate is not None and (cadence == 0 or last_step):
                 check_finite()
                 model.eval()
                 run_evaluation()
                 model.train()
 
             stopping = _stop_requested(stop, acc)
-            if step % cfg.train.save_every_steps == 0 or step == schedule.total_steps or stopping:
+            if step % cfg.train.save_every_steps == 0 or last_step or stopping:
                 check_finite()
+                flush_window()  # the counters in the checkpoint include every image trained on so far
                 save()
             if stopping:
                 bar.close()
@@ -358,11 +370,6 @@ def train(
                 raise SystemExit(128 + stopping)
     bar.close()
 
-    last_eval = counters.history[-1]["step"] if counters.history else -1
-    if evaluate is not None and last_eval != step:
-        model.eval()
-        run_evaluation()
-        save()
     if not select_metric or not counters.best:
         if acc.is_main_process:
             export(acc.unwrap_model(model), out / "export")

@@ -16,12 +16,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import torchvision
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from torch import nn
 
-from simmim.checkpoints import CheckpointManager
+from simmim.checkpoints import latest_checkpoint
 from simmim.config import FinetuneConfig, deit_config_kwargs, save_config
 from simmim.data import (
     IMAGENET_MEAN,
@@ -62,7 +61,7 @@ DROPPABLE |= {"deit.pooler.dense.bias"} | HEAD_KEYS["cls"] | HEAD_KEYS["distill"
 
 # ---------------------------------------------------------------------------------------------- models
 def resolve_init(init: str) -> Path:
-    """A SimMIM run directory -> its export (or newest checkpoint); other paths as they are."""
+    """A SimMIM run directory -> its export/; other paths as they are."""
     path = Path(init)
     if not path.exists():
         raise FileNotFoundError(
@@ -336,7 +335,7 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | No
     raw = yaml.safe_load((run_dir / RUN_CONFIG).read_text())
     is_finetune = "distill" in raw
     cfg = config_from_dict(FinetuneConfig if is_finetune else PretrainConfig, raw)
-    ckpt = Path(checkpoint) if checkpoint else CheckpointManager(run_dir, Accelerator(cpu=True)).latest()
+    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} holds no checkpoint (checkpoints/index.json)")
     weights = read_state_dict(ckpt / "model.safetensors")

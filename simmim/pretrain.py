@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
@@ -72,28 +73,29 @@ def open_split(cfg: Any, split: str):
     )
 
 
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in d.items():
+        flat.update(
+            _flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+        )
+    return flat
+
+
 def check_output_dir(cfg: Any, accelerator: Accelerator) -> None:
-    """Write the resolved config; a resumed run must not silently change it."""
+    """Write the resolved config (main process); a resumed run must not silently change it."""
     out = Path(cfg.output_dir)
     path = out / RUN_CONFIG
-    if path.is_file() and (out / "checkpoints" / "index.json").is_file():
-        import yaml
-
-        previous = yaml.safe_load(path.read_text())
-        if previous != config_to_dict(cfg):
-            changed = sorted(
-                f"{section}.{key}"
-                for section, values in config_to_dict(cfg).items()
-                if isinstance(values, dict)
-                for key, value in values.items()
-                if previous.get(section, {}).get(key) != value
-            )
-            accelerator.print(
-                f"warning: resuming {out} with a changed config: {', '.join(changed) or 'top-level'}"
-            )
     if accelerator.is_main_process:
+        if path.is_file() and (out / "checkpoints" / "index.json").is_file():
+            previous = _flatten(yaml.safe_load(path.read_text()) or {})
+            current = _flatten(config_to_dict(cfg))
+            changed = sorted(k for k in previous.keys() | current.keys() if previous.get(k) != current.get(k))
+            if changed:
+                print(f"warning: resuming {out} with a changed config: {', '.join(changed)}")
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, path)
+    accelerator.wait_for_everyone()
 
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:

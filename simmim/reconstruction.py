@@ -20,7 +20,7 @@ from accelerate.utils import gather_object
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from simmim.checkpoints import CheckpointManager
+from simmim.checkpoints import latest_checkpoint
 from simmim.config import PretrainConfig, config_from_dict
 from simmim.data import IMAGENET_MEAN, IMAGENET_STD, MaskedImageDataset, build_loader, collate_pretrain
 from simmim.masking import MaskGenerator
@@ -56,7 +56,7 @@ def load_masked_image_model(path: str | Path) -> LoadedCheckpoint:
                 "model; expected a SimMIM pretraining run or export"
             )
         cfg = config_from_dict(PretrainConfig, raw)
-        latest = CheckpointManager(path, Accelerator(cpu=True)).latest()
+        latest = latest_checkpoint(path)
         if latest is None:
             raise FileNotFoundError(f"{path} is a pretraining run without any checkpoint yet")
         model = build_model(cfg)

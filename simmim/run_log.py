@@ -23,7 +23,7 @@ class RunLog:
         self.writer = None
         if not enabled:
             return
-        if resume_step and self.path.is_file():
+        if self.path.is_file():  # a previous attempt: keep what the resumed state has seen
             kept = [
                 line
                 for line in self.path.read_text().splitlines()
@@ -32,7 +32,8 @@ class RunLog:
             self.path.write_text("".join(line + "\n" for line in kept))
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(Path(output_dir) / "tb"), purge_step=resume_step or None)
+        # Events logged after the checkpoint (by a killed run) are replaced by the resumed run's.
+        self.writer = SummaryWriter(str(Path(output_dir) / "tb"), purge_step=resume_step + 1)
 
     def write(self, step: int, values: dict[str, Any], kind: str = "train") -> None:
         if not self.enabled:

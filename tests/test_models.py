@@ -345,14 +345,20 @@ def test_drop_path_rates_increase_linearly_to_the_config_rate():
 
 
 def test_bf16_autocast_on_cpu_trains():
-    model = DeiTForMaskedImageModeling(tiny_config()).train()
+    model = fill_random(DeiTForMaskedImageModeling(tiny_config()), std=0.1).train()
     x = torch.randn(2, 3, 32, 32)
     mask = torch.zeros(2, 16, dtype=torch.bool)
     mask[:, ::2] = True
+    with torch.no_grad():
+        reference = model(x, bool_masked_pos=mask)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x, bool_masked_pos=mask)
     assert out.reconstruction.dtype == torch.bfloat16
     assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32
+    # bf16 keeps 8 bits of mantissa: agreement with fp32 to about 1% of the output's scale.
+    scale = reference.reconstruction.abs().max().item()
+    assert max_diff(out.reconstruction.float(), reference.reconstruction) <= 0.02 * scale
+    assert out.loss.item() == pytest.approx(reference.loss.item(), rel=0.01)
     out.loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name

@@ -149,12 +149,16 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, reference):
 def test_sigterm_saves_then_resumes_exactly(tmp_path, reference):
     out = tmp_path / "terminated"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # One loader worker, and the signal goes to the whole process group, as a scheduler sends it: the worker
+    # must survive until the checkpoint is written. (Results do not depend on the number of workers.)
+    args = [f"output_dir={out}", *TINY, "train.save_every_steps=1000", "data.num_workers=1"]
     proc = subprocess.Popen(
-        [sys.executable, str(PRETRAIN), f"output_dir={out}", *TINY, "train.save_every_steps=1000"],
+        [sys.executable, str(PRETRAIN), *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
     deadline = time.time() + 120
     log = out / "log.jsonl"
@@ -164,13 +168,13 @@ def test_sigterm_saves_then_resumes_exactly(tmp_path, reference):
         and time.time() < deadline
     ):
         time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
     stopped_at = latest_step(out)
     assert 4 <= stopped_at < 32, output[-3000:]  # saved by the signal, not by the schedule (every 1000 steps)
 
-    result = run_script([f"output_dir={out}", *TINY, "train.save_every_steps=1000"])
+    result = run_script(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_weights(final_weights(out), reference)
 

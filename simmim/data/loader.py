@@ -10,6 +10,7 @@ sees the same crops, flips and masks with 0, 1 or N workers, and 2 processes x b
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -293,6 +294,14 @@ def collate_classification(items: list[Item | None]) -> dict:
     return _collate(items, ("pixel_values", "labels"), empty)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT to the main process, which saves a checkpoint and then shuts them down;
+    a scheduler that signals the whole process group (SLURM preemption, kill -- -PGID) would otherwise kill
+    the workers first and the run would die without saving."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_loader(
     dataset: MaskedImageDataset | LabeledImageDataset,
     *,
@@ -333,6 +342,7 @@ def build_loader(
             pin_memory=pin_memory,
             collate_fn=collate_fn,
             generator=generator,
+            worker_init_fn=_ignore_stop_signals,
         )
     return DataLoader(
         dataset,
@@ -342,4 +352,5 @@ def build_loader(
         persistent_workers=num_workers > 0,
         collate_fn=collate_fn,
         generator=generator,
+        worker_init_fn=_ignore_stop_signals,
     )

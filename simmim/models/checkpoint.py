@@ -195,12 +195,18 @@ def to_transformers_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def to_timm_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A classifier's weights in timm's DeiT layout (`deit_*_distilled_patch16_*` for the teacher class).
+    """A distilled classifier's weights in timm's DeiT layout (`deit_*_distilled_patch16_*`).
 
     timm builds DeiT with layer_norm_eps=1e-6: outputs agree when the config uses the same epsilon.
     """
+    if not hasattr(model, "cls_classifier"):
+        # timm's VisionTransformerDistilled needs head_dist, and its VisionTransformer has no dist_token.
+        raise ValueError(
+            f"{type(model).__name__} has no timm equivalent: export a DeiTForImageClassificationWithTeacher "
+            "(timm's distilled DeiT)"
+        )
     ours_to_timm = {v: k for k, v in _TIMM_TOP_TO_OURS.items()}
-    head = "cls_classifier." if hasattr(model, "cls_classifier") else "classifier."
+    head = "cls_classifier."
     out = {}
     for key, value in model.state_dict().items():
         m = re.match(r"^deit\.layers\.(\d+)\.(.+)$", key)
