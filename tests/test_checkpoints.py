@@ -9,6 +9,7 @@ import pathlib
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import fill_random, max_diff
 from safetensors.torch import load_file, save_file
 
 from simmim.models import (
@@ -57,22 +58,6 @@ TINY = dict(
 
 def tiny_config(**overrides) -> DeiTConfig:
     return DeiTConfig(**{**TINY, **overrides})
-
-
-@torch.no_grad()
-def fill_random(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
-    """Every parameter random, tokens and position embeddings included (zeros would hide their misuse)."""
-    g = torch.Generator().manual_seed(seed)
-    for _, p in sorted(model.named_parameters()):
-        p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-
-def max_diff(a, b) -> float:
-    if isinstance(a, (tuple, list)):
-        assert len(a) == len(b)
-        return max(max_diff(x, y) for x, y in zip(a, b))
-    return (a - b).abs().max().item()
 
 
 def inputs_for(name: str, batch: int = 3) -> tuple[torch.Tensor, dict]:

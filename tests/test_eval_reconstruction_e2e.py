@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_script as run
 from PIL import Image
 
 from simmim.models import DeiTConfig, DeiTForImageClassification
 
-ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = [
     "data.path=synthetic",
     "data.synthetic_size=128",
@@ -33,17 +31,6 @@ PRETRAIN = [
     "train.log_every_steps=2",
     "train.eval_every_steps=4",
 ]
-
-
-def run(script: str, args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / script), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 @pytest.fixture(scope="module")

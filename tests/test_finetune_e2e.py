@@ -4,17 +4,14 @@ distillation with a tiny random teacher, a CNN teacher run, exports read by Tran
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_script as run
 
 from simmim.models import DeiTConfig, DeiTForImageClassification, DeiTForMaskedImageModeling
 
-ROOT = Path(__file__).resolve().parents[1]
 ARCH = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_size=8)
 TINY = [
     "data.path=synthetic",
@@ -33,17 +30,6 @@ TINY = [
     "aug.mixup=0.8",
     "aug.cutmix=1.0",
 ]
-
-
-def run(script: str, args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / script), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 @pytest.fixture(scope="module")

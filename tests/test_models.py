@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import fill_random, max_diff
 
 from simmim.models import (
     DeiTConfig,
@@ -40,22 +41,6 @@ def tiny_config(**overrides) -> DeiTConfig:
         num_labels=5,
     )
     return DeiTConfig(**{**values, **overrides})
-
-
-@torch.no_grad()
-def fill_random(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
-    """Every parameter random, tokens and position embeddings included (zeros would hide their misuse)."""
-    g = torch.Generator().manual_seed(seed)
-    for _, p in sorted(model.named_parameters()):
-        p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-
-def max_diff(a, b) -> float:
-    if isinstance(a, (tuple, list)):
-        assert len(a) == len(b)
-        return max(max_diff(x, y) for x, y in zip(a, b))
-    return (a - b).abs().max().item()
 
 
 def simmim_loss_by_loops(x: np.ndarray, rec: np.ndarray, mask: np.ndarray, p: int) -> float:

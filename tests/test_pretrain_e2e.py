@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, script_env
+from helpers import run_script as run
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "scripts" / "pretrain.py"
 # A tiny run: 256 synthetic images, batch 16 -> 16 steps per epoch, 2 epochs.
 TINY = [
@@ -41,11 +42,8 @@ TINY = [
 ]
 
 
-def run_script(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(PRETRAIN), *args], env=env, capture_output=True, text=True, **kwargs
-    )
+def run_script(args: list[str]) -> subprocess.CompletedProcess:
+    return run("pretrain.py", args)
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -119,7 +117,7 @@ def test_smoke_recipe_end_to_end(tmp_path):
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, reference):
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = script_env()
     proc = subprocess.Popen(
         [sys.executable, str(PRETRAIN), f"output_dir={out}", *TINY],
         env=env,
@@ -148,7 +146,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, reference):
 
 def test_sigterm_saves_then_resumes_exactly(tmp_path, reference):
     out = tmp_path / "terminated"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = script_env()
     # One loader worker, and the signal goes to the whole process group, as a scheduler sends it: the worker
     # must survive until the checkpoint is written. (Results do not depend on the number of workers.)
     args = [f"output_dir={out}", *TINY, "train.save_every_steps=1000", "data.num_workers=1"]
@@ -188,7 +186,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
     two = tmp_path / "two"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = script_env()
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += [
         "--num_machines",
@@ -247,7 +245,7 @@ def test_export_command_and_keep_last(tmp_path, reference):
     assert len(index["checkpoints"]) == 3
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == index["checkpoints"]
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = script_env()
     oldest = out / "checkpoints" / index["checkpoints"][0]
     result = subprocess.run(
         [
