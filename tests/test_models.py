@@ -363,3 +363,14 @@ def test_parameter_count_matches_deit_tiny():
     expected = 12 * block + embeddings + 2 * D + heads
     assert sum(p.numel() for p in model.parameters()) == expected == 5_910_800
     assert math.isclose(expected / 1e6, 5.91, abs_tol=0.01)
+
+
+def test_every_config_activation_builds():
+    from simmim.models.configuration import ACTIVATIONS
+    from simmim.models.deit import ACTIVATION_MODULES
+
+    assert set(ACTIVATIONS) == set(ACTIVATION_MODULES)
+    x = torch.linspace(-3, 3, 7)
+    expected = {"relu": x.clamp(min=0), "quick_gelu": x * torch.sigmoid(1.702 * x), "tanh": torch.tanh(x)}
+    for name, value in expected.items():
+        torch.testing.assert_close(ACTIVATION_MODULES[name]()(x), value)

@@ -19,28 +19,28 @@ from torch import nn
 from simmim.losses import classification_loss, distillation_loss
 from simmim.models.configuration import DeiTConfig
 
-ACT_FN = {
-    "gelu": nn.GELU(),
-    "gelu_new": nn.GELU(approximate="tanh"),
-    "gelu_pytorch_tanh": nn.GELU(approximate="tanh"),
-    "quick_gelu": None,  # x * sigmoid(1.702 x), handled in `activation`
-    "relu": nn.ReLU(),
-    "silu": nn.SiLU(),
-    "swish": nn.SiLU(),
-    "tanh": nn.Tanh(),
-    "sigmoid": nn.Sigmoid(),
-}
-
-
-def activation(name: str) -> nn.Module:
-    if name == "quick_gelu":
-        return _QuickGELU()
-    return ACT_FN[name]
-
 
 class _QuickGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
+
+
+# Constructors for `configuration.ACTIVATIONS` (Transformers' ACT2FN names): each layer gets its own module.
+ACTIVATION_MODULES = {
+    "gelu": nn.GELU,
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "quick_gelu": _QuickGELU,
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+}
+
+
+def activation(name: str) -> nn.Module:
+    return ACTIVATION_MODULES[name]()
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -527,18 +527,3 @@ class DeiTForImageClassificationWithTeacher(DeiTPreTrainedModel):
         return DeiTForImageClassificationWithTeacherOutput(
             loss, logits, cls_logits, distillation_logits, out.hidden_states, out.attentions
         )
-
-
-MODEL_CLASSES = {
-    cls.__name__: cls
-    for cls in (
-        DeiTModel,
-        DeiTForMaskedImageModeling,
-        DeiTForImageClassification,
-        DeiTForImageClassificationWithTeacher,
-    )
-}
-
-
-def num_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
