@@ -143,6 +143,7 @@ class AugConfig:
     mixup: float = 0.8  # Beta(alpha, alpha); 0 = off
     cutmix: float = 1.0
     label_smoothing: float = 0.1
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop's area range; DeiT's default
 
 
 @dataclass(frozen=True)
@@ -435,7 +436,7 @@ _RANGES: dict[str, tuple[Callable[[float], bool], tuple[str, ...]]] = {
         "model.attention_probs_dropout_prob", "model.drop_path_rate", "optim.betas", "aug.label_smoothing")),
     "be in [0, 1]": (lambda v: 0 <= v <= 1, ("distill.alpha", "aug.random_erasing")),
     "be in (0, 1)": (lambda v: 0 < v < 1, ("mask.ratio", "train.ema")),
-    "be in (0, 1]": (lambda v: 0 < v <= 1, ("optim.layer_decay",)),
+    "be in (0, 1]": (lambda v: 0 < v <= 1, ("optim.layer_decay", "aug.crop_scale")),
 }  # fmt: skip
 
 
@@ -469,6 +470,8 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
         _check(size % mp == 0, "mask.patch_size", mp, f"divide model.image_size={size}")
         return
     _check(m.head != "mim", "model.head", m.head, 'be "cls", "distill" or "cnn" for fine-tuning')
+    lo, hi = cfg.aug.crop_scale
+    _check(lo <= hi, "aug.crop_scale", cfg.aug.crop_scale, "be (min, max) with min <= max")
     _check(m.head != "cnn" or bool(m.arch), "model.arch", m.arch, 'be set when model.head is "cnn"')
     for key in ("arch", "path"):
         value = getattr(cfg.teacher, key)

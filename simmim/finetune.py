@@ -251,6 +251,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
             cfg.model.image_size,
             rand_augment=a.rand_augment,
             random_erasing=a.random_erasing,
+            scale=a.crop_scale,
             mean=d.mean,
             std=d.std,
         ),

@@ -139,6 +139,8 @@ def test_values_are_coerced_to_the_annotation():
         (FinetuneConfig, ["model.head=distill", "teacher.arch=resnet18"], "teacher.path"),
         (FinetuneConfig, ["distill.alpha=1.5"], "distill.alpha"),
         (FinetuneConfig, ["distill.tau=0"], "distill.tau"),
+        (FinetuneConfig, ["aug.crop_scale=[0.0, 1.0]"], "aug.crop_scale"),
+        (FinetuneConfig, ["aug.crop_scale=[0.8, 0.5]"], "aug.crop_scale"),
     ],
 )
 def test_validation_names_the_key(cls, overrides, key):

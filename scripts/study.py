@@ -1,0 +1,41 @@
+"""Run a whole study (pretraining, reconstruction evaluation, CNN teacher, every student arm and seed) and
+write its table and plots.
+
+    python scripts/study.py recipes/study/imagenette_cpu.yaml
+    python scripts/study.py recipes/study/imagenette_gpu.yaml --launcher "accelerate launch"
+
+Run the same command again after an interruption: finished stages are skipped and the interrupted one
+resumes from its newest checkpoint. `--report` rewrites results.md and the plots from finished stages.
+"""
+
+import argparse
+import shlex
+import sys
+
+from simmim.study import StageFailed, load_spec, plan, run_study, write_report
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("spec", help="a study file, e.g. recipes/study/imagenette_cpu.yaml")
+    parser.add_argument("--out", help="output directory (default: the study file's output_dir)")
+    parser.add_argument("--launcher", default=None, help="how to start each script (default: this python)")
+    parser.add_argument("--dry-run", action="store_true", help="print the stages' commands and exit")
+    parser.add_argument("--report", action="store_true", help="only write the report of finished stages")
+    args = parser.parse_args()
+
+    spec = load_spec(args.spec, args.out)
+    if args.dry_run:
+        for stage in plan(spec):
+            state = "done" if stage.record["done"] else "to run"
+            print(f"{stage.name} ({state}): scripts/{stage.script} {shlex.join(stage.args)}")
+        sys.exit(0)
+    if args.report:
+        print(write_report(spec))
+        sys.exit(0)
+    try:
+        print(f"\nwrote {run_study(spec, shlex.split(args.launcher) if args.launcher else None)}")
+    except StageFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
