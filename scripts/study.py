@@ -39,3 +39,6 @@ if __name__ == "__main__":
     except StageFailed as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("stopped: run the same command again to resume", file=sys.stderr)
+        sys.exit(130)

@@ -92,6 +92,12 @@ def load_spec(path: str | Path, output_dir: str | None = None) -> StudySpec:
     for key in ("output_dir", "data", "pretrain", "teacher", "student", "arms"):
         if key not in raw:
             raise ValueError(f"{path}: {key!r} is required")
+    if (
+        not isinstance(raw["arms"], list)
+        or not raw["arms"]
+        or not all(isinstance(a, dict) for a in raw["arms"])
+    ):
+        raise ValueError(f"{path}: arms={raw['arms']!r}, expected a non-empty list of arms")
     arms = []
     for i, a in enumerate(raw["arms"]):
         where = f"{path}: arms[{i}]"
@@ -228,11 +234,19 @@ def run_stage(stage: Stage, launcher: list[str]) -> float:
     command = [*launcher, str(SCRIPTS / stage.script), *stage.args]
     print(f"\n== {stage.name}: {shlex.join(command)}", flush=True)
     start = time.time()
+    proc = subprocess.Popen(command)
     try:
-        returncode = subprocess.run(command).returncode
+        returncode = proc.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reached the run too; a SIGTERM sent to the study alone is passed on. Training runs save a
+        # checkpoint and exit; wait for that, so that no orphan keeps writing the stage's directory.
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+        raise
     finally:  # the time of an interrupted attempt counts too: the stage's wall time is what it cost
         record["seconds"] = record["seconds"] + time.time() - start
         record["command"] = shlex.join(command)
+        record["args"] = stage.args
         stage.directory.mkdir(parents=True, exist_ok=True)
         (stage.directory / STAGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     if returncode != 0:
@@ -249,17 +263,31 @@ def run_study(spec: StudySpec, launcher: list[str] | None = None) -> Path:
             f"{SCRIPTS} not found: a study runs the scripts of a source checkout of simmim"
         )
     launcher = launcher or [sys.executable]
-    # A SIGTERM (a job scheduler's stop) ends the study like Ctrl-C: the running stage's time is recorded.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     stages = plan(spec)
+    for stage in stages:  # a finished stage is reused only if the study would run it the same way
+        ran = stage.record.get("args")
+        if stage.record["done"] and ran is not None and ran != stage.args:
+            raise ValueError(
+                f"{stage.directory} was made by `{shlex.join(ran)}`, this study runs `{shlex.join(stage.args)}`: "
+                "use another output directory (--out) or delete that stage"
+            )
     Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
-    for i, stage in enumerate(stages, 1):
-        if stage.record["done"]:
-            print(f"== {stage.name}: done ({stage.record['seconds'] / 60:.1f} min), skipped", flush=True)
-            continue
-        print(f"== stage {i}/{len(stages)}", flush=True)
-        run_stage(stage, launcher)
+    # A SIGTERM (a job scheduler's stop) ends the study as Ctrl-C does: the running stage saves and stops.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        for i, stage in enumerate(stages, 1):
+            if stage.record["done"]:
+                print(f"== {stage.name}: done ({stage.record['seconds'] / 60:.1f} min), skipped", flush=True)
+                continue
+            print(f"== stage {i}/{len(stages)}", flush=True)
+            run_stage(stage, launcher)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return write_report(spec)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------------------------------------- report

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT, script_env
 from helpers import run_script as run
 
-from simmim.study import load_spec, plan
+from simmim.study import load_spec, plan, run_study
 
 ARCH = {"variant": "tiny", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
 ARCH |= {"intermediate_size": 64, "image_size": 32, "patch_size": 8}
@@ -163,6 +168,7 @@ def test_rerun_skips_finished_stages_and_resumes_an_unfinished_one(study):
         ({"student_overrides": ["train.epochs=0"]}, "train.epochs=0"),
         ({"comparisons": [["simmim_cls", "nobody", 5]]}, "nobody"),
         ({"batch": 3}, "unknown keys ['batch']"),
+        ({"arms": []}, "expected a non-empty list of arms"),
         ({"data": "/no/such/data"}, "/no/such/data"),
     ],
 )
@@ -174,6 +180,13 @@ def test_bad_spec_is_refused_before_any_stage(tmp_path, changes, message):
     assert not (tmp_path / "study").exists()
 
 
+def test_a_finished_stage_made_otherwise_is_not_reused(study, tmp_path):
+    spec, out = study
+    changed = write_spec(tmp_path, output_dir=str(out), student_overrides=["train.epochs=3"])
+    with pytest.raises(ValueError, match="was made by .* use another output directory"):
+        run_study(load_spec(changed))
+
+
 def test_a_failing_stage_stops_the_study_with_the_resume_hint(tmp_path):
     spec = write_spec(tmp_path, teacher_overrides=["model.arch=no_such_net"])
     result = run("study.py", [str(spec)])
@@ -181,3 +194,31 @@ def test_a_failing_stage_stops_the_study_with_the_resume_hint(tmp_path):
     assert "stage teacher failed" in result.stderr and "run the same command to resume" in result.stderr
     assert json.loads((tmp_path / "study" / "pretrain" / "study_stage.json").read_text())["done"]
     assert not (tmp_path / "study" / "scratch_cls_s0").exists()  # nothing after the failure ran
+
+
+def test_sigterm_stops_the_running_stage_which_saves_and_resumes_later(tmp_path):
+    spec = write_spec(
+        tmp_path, pretrain_overrides=["data.synthetic_size=4096", "train.save_every_steps=1000"]
+    )
+    out = tmp_path / "study" / "pretrain"
+    study = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "study.py"), str(spec)],
+        env=script_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (out / "log.jsonl").is_file() or "train" not in (out / "log.jsonl").read_text():
+        assert study.poll() is None and time.time() < deadline, "pretraining never started"
+        time.sleep(0.2)
+    study.send_signal(signal.SIGTERM)  # to the study alone, as a scheduler would
+    stdout, stderr = study.communicate(timeout=120)
+    assert study.returncode == 130, stderr[-2000:]
+    assert "run the same command again to resume" in stderr
+    record = json.loads((out / "study_stage.json").read_text())
+    assert not record["done"] and record["seconds"] > 0
+    # The pretraining run got the signal, saved mid-epoch (not at a save_every_steps multiple) and exited.
+    assert "saved step" in stdout + stderr
+    index = json.loads((out / "checkpoints" / "index.json").read_text())
+    assert (out / "checkpoints" / index["latest"] / "model.safetensors").is_file()  # one to resume from
