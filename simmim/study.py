@@ -235,6 +235,7 @@ def run_stage(stage: Stage, launcher: list[str]) -> float:
     print(f"\n== {stage.name}: {shlex.join(command)}", flush=True)
     start = time.time()
     proc = subprocess.Popen(command)
+    returncode = None
     try:
         returncode = proc.wait()
     except KeyboardInterrupt:
@@ -244,15 +245,16 @@ def run_stage(stage: Stage, launcher: list[str]) -> float:
         proc.wait()
         raise
     finally:  # the time of an interrupted attempt counts too: the stage's wall time is what it cost
-        record["seconds"] = record["seconds"] + time.time() - start
-        record["command"] = shlex.join(command)
-        record["args"] = stage.args
+        record.update(
+            seconds=record["seconds"] + time.time() - start,
+            command=shlex.join(command),
+            args=stage.args,
+            done=returncode == 0,
+        )
         stage.directory.mkdir(parents=True, exist_ok=True)
         (stage.directory / STAGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     if returncode != 0:
         raise StageFailed(f"stage {stage.name} failed (exit {returncode}); run the same command to resume")
-    record["done"] = True
-    (stage.directory / STAGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return record["seconds"]
 
 
@@ -412,13 +414,19 @@ def write_report(spec: StudySpec) -> Path:
     return path
 
 
-def plot_accuracy(spec: StudySpec, r: dict[str, Any], path: Path) -> None:
-    """Validation top-1 per epoch: each arm's mean over seeds, shaded between its lowest and highest seed."""
+def _pyplot():
+    """matplotlib.pyplot drawing to files only (no display on a server); imported when a report is drawn."""
     import matplotlib
 
-    matplotlib.use("Agg")  # files only: no display on a server
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_accuracy(spec: StudySpec, r: dict[str, Any], path: Path) -> None:
+    """Validation top-1 per epoch: each arm's mean over seeds, shaded between its lowest and highest seed."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for arm in r["arms"].values():
         runs = list(arm["history"].values())
@@ -446,11 +454,7 @@ def plot_accuracy(spec: StudySpec, r: dict[str, Any], path: Path) -> None:
 
 def plot_pretraining(run_dir: Path, path: Path) -> None:
     """SimMIM's training loss and held-out masked L1 against the epoch, from the run's log.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     steps_per_epoch = next(x["steps_per_epoch"] for x in records if x["kind"] == "schedule")
     train = [x for x in records if x["kind"] == "train" and "loss" in x]
