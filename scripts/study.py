@@ -1,18 +1,19 @@
-"""Run a whole study (pretraining, reconstruction evaluation, CNN teacher, every student arm and seed) and
-write its table and plots.
+"""Run a whole study (pretraining, its reconstruction and probe evaluations, the sweep, every arm at every
+label fraction and seed, a CNN teacher when an arm distils) and write its table and plots.
 
     python scripts/study.py recipes/study/imagenette_cpu.yaml
     python scripts/study.py recipes/study/imagenette_gpu.yaml --launcher "accelerate launch"
 
 Run the same command again after an interruption: finished stages are skipped and the interrupted one
-resumes from its newest checkpoint. `--report` rewrites results.md and the plots from finished stages.
+resumes from its newest checkpoint. `--report` rewrites results.md and the plots from finished stages
+(marked partial while stages are missing); `--only pretrain` runs just the named stages.
 """
 
 import argparse
 import shlex
 import sys
 
-from simmim.study import StageFailed, load_spec, plan, run_study, write_report
+from simmim.study import StageFailed, describe_comparisons, load_spec, plan, run_study, write_report
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
@@ -23,19 +24,34 @@ if __name__ == "__main__":
     parser.add_argument("--launcher", default=None, help="how to start each script (default: this python)")
     parser.add_argument("--dry-run", action="store_true", help="print the stages' commands and exit")
     parser.add_argument("--report", action="store_true", help="only write the report of finished stages")
+    parser.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages (no report)")
     args = parser.parse_args()
 
-    spec = load_spec(args.spec, args.out)
+    try:
+        spec = load_spec(args.spec, args.out)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if args.dry_run:
         for stage in plan(spec):
             state = "done" if stage.record["done"] else "to run"
+            if stage.pending:
+                state += ", with the setting its sweep chooses; shown with the first candidate"
             print(f"{stage.name} ({state}): scripts/{stage.script} {shlex.join(stage.args)}")
+        for line in describe_comparisons(spec):
+            print(f"comparison: {line}")
         sys.exit(0)
     if args.report:
         print(write_report(spec))
         sys.exit(0)
+    names = {stage.name for stage in plan(spec)}
+    unknown = sorted(set(args.only or ()) - names)
+    if unknown:
+        print(f"error: --only {unknown}: no such stage (stages: {sorted(names)})", file=sys.stderr)
+        sys.exit(2)
     try:
-        print(f"\nwrote {run_study(spec, shlex.split(args.launcher) if args.launcher else None)}")
+        report = run_study(spec, shlex.split(args.launcher) if args.launcher else None, args.only)
+        print(f"\nwrote {report}" if report else f"\nran {', '.join(args.only)}")
     except StageFailed as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -49,6 +49,13 @@ class DataConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     max_bad_fraction: float = 0.01  # stop when more than this fraction of samples failed to decode
     synthetic_size: int = 1024
+    # fine-tuning: train on a class-balanced subset, this fraction of each class's labelled images, drawn by
+    # `seed` (1.0 = all); evaluation keeps the whole validation split
+    label_fraction: float = 1.0
+    # evaluate on val_fraction of the train split (carved with data.holdout_seed, left out of training) even
+    # when the source has a validation split: for choosing settings without ever reading that split
+    holdout_from_train: bool = False
+    holdout_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -111,10 +118,27 @@ class TrainConfig:
     save_every_steps: int = 1000
     keep_last: int = 2
     log_every_steps: int = 50
-    eval_every_steps: int = 1000
+    eval_every_steps: int = 1000  # pretraining's cadence
+    eval_every_epochs: int = 1  # fine-tuning's cadence (and always after the last step)
     compile: bool = False
     ema: float | None = None  # EMA decay of the weights; None = no EMA
     eval_batches: int | None = 8  # held-out batches per periodic evaluation; None = all
+    # autocast dtype of the forward pass; "launcher" = accelerate launch's --mixed_precision (fp32 without)
+    precision: Literal["launcher", "fp32", "bf16", "fp16"] = "launcher"
+    # pretraining: also export the model after these epochs to output_dir/snapshots/epoch_<N> (kept)
+    snapshot_epochs: tuple[int, ...] = ()
+    # pretraining: a kNN probe of the encoder every this many steps (and at the end), see ProbeConfig
+    probe_every_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Pretraining's online kNN probe (train.probe_every_steps): labels SimMIM never trains on."""
+
+    data: str | None = None  # a labelled dataset; None = data.path
+    bank_images: int = 2000  # labelled features to vote: a seeded subset of its train split
+    query_images: int = 1000  # images classified: a seeded subset of its validation split
+    layer: int | None = None  # the encoder block probed (1-based); None = the last
 
 
 @dataclass(frozen=True)
@@ -157,6 +181,7 @@ class PretrainConfig:
     mask: MaskConfig = field(default_factory=MaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
 @dataclass(frozen=True)
@@ -427,7 +452,8 @@ _RANGES: dict[str, tuple[Callable[[float], bool], tuple[str, ...]]] = {
         "model.num_channels", "model.encoder_stride", "model.pooler_output_size", "mask.patch_size",
         "optim.base_lr", "optim.eps", "optim.clip_grad", "optim.grad_accum_steps", "train.epochs",
         "train.max_steps", "train.save_every_steps", "train.keep_last", "train.log_every_steps",
-        "train.eval_every_steps", "train.eval_batches", "distill.tau")),
+        "train.eval_every_steps", "train.eval_every_epochs", "train.eval_batches", "train.snapshot_epochs", "train.probe_every_steps", "probe.bank_images",
+        "probe.query_images", "probe.layer", "distill.tau")),
     "be >= 0": (lambda v: v >= 0, (
         "data.num_workers", "optim.min_lr", "optim.weight_decay", "optim.warmup_epochs", "aug.mixup",
         "aug.cutmix")),
@@ -436,7 +462,7 @@ _RANGES: dict[str, tuple[Callable[[float], bool], tuple[str, ...]]] = {
         "model.attention_probs_dropout_prob", "model.drop_path_rate", "optim.betas", "aug.label_smoothing")),
     "be in [0, 1]": (lambda v: 0 <= v <= 1, ("distill.alpha", "aug.random_erasing")),
     "be in (0, 1)": (lambda v: 0 < v < 1, ("mask.ratio", "train.ema")),
-    "be in (0, 1]": (lambda v: 0 < v <= 1, ("optim.layer_decay", "aug.crop_scale")),
+    "be in (0, 1]": (lambda v: 0 < v <= 1, ("optim.layer_decay", "aug.crop_scale", "data.label_fraction")),
 }  # fmt: skip
 
 
@@ -461,15 +487,31 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
     _check(width % heads == 0, "model.num_attention_heads", heads, f"divide hidden_size={width}")
     _check(size % p == 0, "model.patch_size", p, f"divide model.image_size={size}")
     _check(o.min_lr <= o.base_lr, "optim.min_lr", o.min_lr, f"be <= optim.base_lr={o.base_lr}")
+    t = cfg.train
+    _check(
+        all(e <= t.epochs for e in t.snapshot_epochs), "train.snapshot_epochs", t.snapshot_epochs,
+        f"be epochs of the run (<= train.epochs={t.epochs})",
+    )  # fmt: skip
+    d = cfg.data
+    _check(
+        not d.holdout_from_train or 0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction,
+        "be in (0, 1) with data.holdout_from_train=true (the share of train held out)",
+    )  # fmt: skip
     if isinstance(cfg, PretrainConfig):
+        _check(d.label_fraction == 1.0, "data.label_fraction", d.label_fraction, "be 1.0: pretraining uses no labels")
         _check(m.head == "mim", "model.head", m.head, 'be "mim" for pretraining')
         _check(m.init == "scratch", "model.init", m.init, 'be "scratch": pretraining starts from scratch')
         # SimMIM's mask generator works on a grid of mask patches, each a whole number of model patches.
         mp = cfg.mask.patch_size
         _check(mp % p == 0, "mask.patch_size", mp, f"be a multiple of model.patch_size={p}")
         _check(size % mp == 0, "mask.patch_size", mp, f"divide model.image_size={size}")
+        depth = arch["num_hidden_layers"]
+        layer = cfg.probe.layer
+        _check(layer is None or layer <= depth, "probe.layer", layer, f"be a block of the encoder (1..{depth})")
         return
     _check(m.head != "mim", "model.head", m.head, 'be "cls", "distill" or "cnn" for fine-tuning')
+    _check(not t.snapshot_epochs, "train.snapshot_epochs", t.snapshot_epochs, "be empty: snapshots are for pretraining")
+    _check(t.probe_every_steps is None, "train.probe_every_steps", t.probe_every_steps, "be unset: the online probe is for pretraining")
     lo, hi = cfg.aug.crop_scale
     _check(lo <= hi, "aug.crop_scale", cfg.aug.crop_scale, "be (min, max) with min <= max")
     _check(m.head != "cnn" or bool(m.arch), "model.arch", m.arch, 'be set when model.head is "cnn"')

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -116,11 +117,28 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def make_accelerator() -> Accelerator:
+def make_accelerator(precision: str = "launcher") -> Accelerator:
     """The run's Accelerator. `accelerate launch --multi_gpu --num_processes N` on a machine without CUDA
-    would otherwise start N unrelated single-process runs: there, the processes join over gloo on CPU."""
+    would otherwise start N unrelated single-process runs: there, the processes join over gloo on CPU.
+
+    Args:
+        precision: `train.precision`; "launcher" keeps accelerate's own choice (`--mixed_precision`, or the
+            ACCELERATE_MIXED_PRECISION variable it sets), "fp32" turns autocast off, "bf16"/"fp16" turn it on.
+    """
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(cpu=multi_process and not torch.cuda.is_available())
+    mixed = {"launcher": None, "fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    return Accelerator(cpu=multi_process and not torch.cuda.is_available(), mixed_precision=mixed)
+
+
+def export_snapshot(export: Callable[[nn.Module, Path], None], model: nn.Module, directory: Path) -> None:
+    """`export` into `directory` atomically: a run killed while writing leaves no half-written snapshot."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    export(model, tmp)
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
 
 
 def move_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -186,17 +204,20 @@ def train(
     export: Callable[[nn.Module, Path], None],
     select_metric: str | None = None,
     eval_each_epoch: bool = False,
+    probe: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Train `model` on `train_set` with `loss_fn(prepared_model, batch) -> loss`.
 
     Args:
         cfg: a PretrainConfig or FinetuneConfig (uses output_dir, seed, data, optim, train).
         evaluate: `evaluate(prepared_model, step, log) -> {name: value}`, called every
-            `train.eval_every_steps` (or at each epoch end with `eval_each_epoch`) and at the end; it may
+            `train.eval_every_steps` (or every `train.eval_every_epochs` epochs with `eval_each_epoch`) and at the end; it may
             add images to `log`.
         export: writes a Transformers-format directory from an unwrapped model.
         select_metric: with a metric name (e.g. "top1", higher is better), `output_dir/export` holds the
             best evaluated weights (EMA weights compete too); without, the final weights.
+        probe: `probe(unwrapped_model) -> {name: value}`, run on the main process every
+            `train.probe_every_steps` and at the end, logged as kind "probe" (pretraining's online probe).
     Returns:
         The counters and final metrics as a dict (also in `output_dir/checkpoints/.../trainer_state.json`).
     """
@@ -350,13 +371,28 @@ def train(
                 )
 
             cadence = (
-                step % schedule.steps_per_epoch if eval_each_epoch else step % cfg.train.eval_every_steps
+                step % (schedule.steps_per_epoch * cfg.train.eval_every_epochs)
+                if eval_each_epoch
+                else step % cfg.train.eval_every_steps
             )
             if evaluate is not None and (cadence == 0 or last_step):
                 check_finite()
                 model.eval()
                 run_evaluation()
                 model.train()
+
+            every = cfg.train.probe_every_steps
+            if probe is not None and every and (step % every == 0 or last_step) and acc.is_main_process:
+                model.eval()
+                values = probe(acc.unwrap_model(model))
+                log.write(step, values, kind="probe")
+                acc.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+                model.train()
+
+            epoch_done, in_epoch = divmod(step, schedule.steps_per_epoch)
+            if in_epoch == 0 and epoch_done in cfg.train.snapshot_epochs and acc.is_main_process:
+                # Before the save of this step: a run killed in between redoes the step and the snapshot.
+                export_snapshot(export, acc.unwrap_model(model), out / "snapshots" / f"epoch_{epoch_done}")
 
             stopping = _stop_requested(stop, acc)
             if step % cfg.train.save_every_steps == 0 or last_step or stopping:

@@ -31,6 +31,7 @@ from simmim.data import (
     eval_transform,
     finetune_transform,
 )
+from simmim.data.sources import SubsetSource, balanced_subset
 from simmim.engine import evaluation_loader, make_accelerator, train
 from simmim.losses import classification_loss
 from simmim.models import (
@@ -227,7 +228,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         raise ValueError(
             "data.streaming=true is not supported by fine-tuning yet: the schedule needs the data size"
         )
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(cfg.train.precision)
     set_seed(cfg.seed)
     d, head = cfg.data, cfg.model.head
     train_source, val_source = open_split(cfg, d.train_split), open_split(cfg, d.val_split)
@@ -237,6 +238,13 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         )
     id2label = dict(enumerate(train_source.class_names))
     num_classes = len(id2label)
+    if d.label_fraction < 1.0:
+        kept = balanced_subset(train_source.labels(), d.label_fraction, cfg.seed)
+        accelerator.print(
+            f"data.label_fraction={d.label_fraction}: {len(kept)} of {len(train_source)} labelled images "
+            f"(class-balanced, drawn with seed {cfg.seed})"
+        )
+        train_source = SubsetSource(train_source, kept)
     check_output_dir(cfg, accelerator)
 
     if head == "cnn":

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
@@ -14,15 +15,18 @@ from accelerate.utils import set_seed
 
 from simmim.config import PretrainConfig, config_to_dict, deit_config_kwargs, save_config
 from simmim.data import (
+    LabeledImageDataset,
     MaskedImageDataset,
     collate_pretrain,
     eval_transform,
     open_source,
     pretrain_transform,
 )
+from simmim.data.sources import SubsetSource, carve_split
 from simmim.engine import evaluation_loader, make_accelerator, train
 from simmim.masking import MaskGenerator
 from simmim.models import DeiTConfig, DeiTForMaskedImageModeling, DeiTImageProcessor
+from simmim.probe import OnlineProbe
 from simmim.run_log import RunLog
 from simmim.visualize import reconstruction_grid
 
@@ -59,10 +63,13 @@ def mask_generator(cfg: PretrainConfig, mask_ratio: float | None = None) -> Mask
 
 
 def open_split(cfg: Any, split: str):
+    """The run's `split` ("train" or the validation split). With `data.holdout_from_train`, both come from
+    the train split: `val_fraction` of it, carved with `data.holdout_seed`, is the validation split."""
     d = cfg.data
-    return open_source(
+    holdout = d.holdout_from_train and split in (d.train_split, d.val_split)
+    source = open_source(
         d.path,
-        split,
+        d.train_split if holdout else split,
         image_column=d.image_column,
         label_column=d.label_column,
         streaming=d.streaming,
@@ -71,6 +78,12 @@ def open_split(cfg: Any, split: str):
         synthetic_size=d.synthetic_size,
         synthetic_image_size=max(cfg.model.image_size, 32),
     )
+    if holdout:
+        if source.is_streaming:
+            raise ValueError("data.holdout_from_train=true needs a map-style source, not data.streaming=true")
+        part = "train" if split == d.train_split else "validation"
+        source = SubsetSource(source, carve_split(len(source), part, d.val_fraction, d.holdout_seed))
+    return source
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -104,7 +117,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         raise ValueError(
             "data.streaming=true is not supported by pretraining yet: the schedule needs the data size"
         )
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(cfg.train.precision)
     set_seed(cfg.seed)
     check_output_dir(cfg, accelerator)
     model = build_model(cfg)
@@ -118,6 +131,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     val_set = MaskedImageDataset(
         open_split(cfg, d.val_split), eval_transform(cfg.model.image_size, mean=d.mean, std=d.std), masks
     )
+
+    probe = online_probe(cfg) if cfg.train.probe_every_steps else None
 
     def loss_fn(model, batch):
         return model(pixel_values=batch["pixel_values"], bool_masked_pos=batch["bool_masked_pos"]).loss
@@ -164,4 +179,32 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         loss_fn=loss_fn,
         evaluate=evaluate,
         export=lambda m, directory: export_model(m, directory, cfg),
+        probe=(lambda m: probe(m.deit, bf16=accelerator.mixed_precision == "bf16")) if probe else None,
+    )
+
+
+def online_probe(cfg: PretrainConfig) -> OnlineProbe:
+    """The kNN probe of `train.probe_every_steps`: seeded subsets of a labelled dataset's two splits."""
+    p, d = cfg.probe, cfg.data
+    path = p.data or d.path
+    split_kw = dict(val_fraction=d.val_fraction, seed=cfg.seed, synthetic_size=d.synthetic_size,
+                    synthetic_image_size=max(cfg.model.image_size, 32))  # fmt: skip
+    bank = open_source(path, d.train_split, **split_kw)
+    queries = open_source(path, d.val_split, **split_kw)
+    if not bank.has_labels:
+        raise ValueError(f"probe.data={path!r} has no labels: train.probe_every_steps needs a labelled dataset")
+    transform = eval_transform(cfg.model.image_size, mean=d.mean, std=d.std)
+
+    def subset(source, count: int, seed: int):
+        if count >= len(source):
+            return source
+        order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed)).numpy()
+        return SubsetSource(source, np.sort(order[:count]))
+
+    return OnlineProbe(
+        LabeledImageDataset(subset(bank, p.bank_images, cfg.seed), transform),
+        LabeledImageDataset(subset(queries, p.query_images, cfg.seed + 1), transform),
+        num_classes=len(bank.class_names),
+        layer=p.layer,
+        batch_size=d.batch_size,
     )

@@ -58,6 +58,10 @@ class ImageSource:
         """Sample `index`; `decode_size` lets JPEGs decode at a reduced size (see `decode_image`)."""
         raise NotImplementedError
 
+    def labels(self) -> np.ndarray:
+        """(N,) int64 class index of every sample (-1 when unlabelled), read without decoding any image."""
+        raise NotImplementedError
+
     def __getitem__(self, index: int) -> Sample:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a source of {len(self)} images")
@@ -162,7 +166,7 @@ class FolderSource(ImageSource):
     ) -> None:
         self.root = root
         self.files = np.array([os.fsencode(f) for f in files], dtype=np.bytes_)  # (N,) relative paths
-        self.labels = np.array(labels, dtype=np.int64)  # (N,)
+        self.labels_array = np.array(labels, dtype=np.int64)  # (N,)
         self.class_names = class_names
         self.has_labels = class_names is not None
         self.split = split
@@ -172,11 +176,14 @@ class FolderSource(ImageSource):
 
     def load(self, index: int, decode_size: int | None = None) -> Sample:
         path = os.path.join(self.root, os.fsdecode(self.files[index]))
-        return decode_image(path, path, decode_size), int(self.labels[index]), path
+        return decode_image(path, path, decode_size), int(self.labels_array[index]), path
+
+    def labels(self) -> np.ndarray:
+        return self.labels_array
 
     def subset(self, indices: np.ndarray) -> FolderSource:
         part = FolderSource(self.root, [], [], self.class_names, self.split)
-        part.files, part.labels = self.files[indices], self.labels[indices]
+        part.files, part.labels_array = self.files[indices], self.labels_array[indices]
         return part
 
 
@@ -308,6 +315,13 @@ class HuggingFaceSource(_HuggingFaceImages):
 
     def __len__(self) -> int:
         return len(self.rows) if self.rows is not None else len(self.dataset)
+
+    def labels(self) -> np.ndarray:
+        if self.columns.label is None:
+            return np.full(len(self), -1, dtype=np.int64)
+        column = self.dataset[self.columns.label]  # the label column only: no image is read
+        values = np.array([self.columns.label_of({self.columns.label: v}) for v in column], dtype=np.int64)
+        return values[self.rows] if self.rows is not None else values
 
     def load(self, index: int, decode_size: int | None = None) -> Sample:
         row = int(self.rows[index]) if self.rows is not None else index
@@ -491,11 +505,54 @@ class SyntheticSource(ImageSource):
     def __len__(self) -> int:
         return self.num_images
 
+    def labels(self) -> np.ndarray:
+        return np.arange(self.num_images, dtype=np.int64) % len(SYNTHETIC_CLASSES)
+
     def load(self, index: int, decode_size: int | None = None) -> Sample:
         label = index % len(SYNTHETIC_CLASSES)  # balanced classes, also in small validation sets
         rng = np.random.default_rng((self.seed, self.stream_id, index))
         pixels = render_synthetic_image(label, rng, self.grid)  # (S, S, 3) uint8
         return Image.fromarray(pixels, mode="RGB"), label, f"synthetic:{self.split}[{index}]"
+
+
+class SubsetSource(ImageSource):
+    """The samples `indices` of a map-style source, in that order."""
+
+    def __init__(self, source: ImageSource, indices: np.ndarray) -> None:
+        self.source = source
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.split = source.split
+        self.class_names = source.class_names
+        self.has_labels = source.has_labels
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def labels(self) -> np.ndarray:
+        return self.source.labels()[self.indices]
+
+    def load(self, index: int, decode_size: int | None = None) -> Sample:
+        return self.source.load(int(self.indices[index]), decode_size)
+
+
+def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of `fraction` of each class's samples (at least one per class), drawn with `seed`.
+
+    Every class keeps round(fraction * its count) samples, so the subset has the split's class balance,
+    and a smaller fraction's subset is part of a larger one's for the same seed (the same permutation).
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label fraction {fraction} is outside (0, 1]")
+    if (labels < 0).any():
+        raise ValueError("a class-balanced subset needs labelled samples; this split has unlabelled ones")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        keep = min(len(members), max(1, round(fraction * len(members))))
+        order = torch.randperm(len(members), generator=generator).numpy()
+        chosen.append(members[order[:keep]])
+    return np.sort(np.concatenate(chosen))
 
 
 # ----------------------------------------------------------------------------------------------------------
