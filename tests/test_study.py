@@ -1,10 +1,12 @@
-"""scripts/study.py end to end on tiny synthetic runs: every stage, the report's numbers against the runs'
-own metrics, skipping finished stages, resuming one, and spec errors raised before any work."""
+"""scripts/study.py end to end on tiny synthetic runs: every stage (probes, sweep, label fractions,
+snapshots), the report's numbers against the runs' own metrics, the refusal of an unfair comparison,
+skipping finished stages, resuming one, and spec errors raised before any work."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +18,7 @@ import yaml
 from helpers import ROOT, script_env
 from helpers import run_script as run
 
-from simmim.study import load_spec, plan, run_study
+from simmim.study import describe_comparisons, load_spec, plan, run_study
 
 ARCH = {"variant": "tiny", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
 ARCH |= {"intermediate_size": 64, "image_size": 32, "patch_size": 8}
@@ -35,7 +37,8 @@ RECIPES = {
         "model": ARCH,
         "mask": {"patch_size": 16, "ratio": 0.6},
         "optim": OPTIM,
-        "train": {"epochs": 1, "save_every_steps": 2, "log_every_steps": 2, "eval_every_steps": 4, "eval_batches": 1},
+        "train": {"epochs": 2, "save_every_steps": 2, "log_every_steps": 2, "eval_every_steps": 4, "eval_batches": 1,
+                  "snapshot_epochs": [1]},
     },
     "teacher": {
         "data": DATA,
@@ -56,10 +59,14 @@ RECIPES = {
 }  # fmt: skip
 ARMS = [
     {"name": "scratch_cls", "label": "Scratch -> cls", "head": "cls", "init": "scratch", "seeds": [0, 1],
-     "overrides": ["optim.layer_decay=1.0"]},
-    {"name": "simmim_cls", "head": "cls", "init": "simmim", "seeds": [0, 1]},
-    {"name": "simmim_distill", "head": "distill", "init": "simmim", "seeds": [3]},
+     "fractions": [0.5, 1.0]},
+    {"name": "simmim_cls", "head": "cls", "init": "simmim", "seeds": [0, 1], "fractions": [0.5, 1.0]},
+    {"name": "simmim_e1_cls", "head": "cls", "init": "simmim", "pretrain_epoch": 1, "seeds": [0],
+     "fractions": [0.5], "settings_from": "simmim_cls"},
+    {"name": "simmim_distill", "head": "distill", "init": "simmim", "seeds": [3], "settings_from": "simmim_cls"},
 ]  # fmt: skip
+SWEEP = {"fraction": 0.5, "holdout": 0.25, "seed": 0,
+         "candidates": [["optim.layer_decay=0.75"], ["optim.layer_decay=1.0"]]}  # fmt: skip
 
 
 def write_spec(directory: Path, **changes) -> Path:
@@ -70,7 +77,16 @@ def write_spec(directory: Path, **changes) -> Path:
         "data": "synthetic",
         **{name: str(directory / f"{name}.yaml") for name in RECIPES},
         "arms": ARMS,
-        "comparisons": [["simmim_cls", "scratch_cls", 5.0], ["simmim_distill", "simmim_cls", 0.0]],
+        "fractions": {0.5: ["train.epochs=3"]},
+        "sweep": SWEEP,
+        "probe": ["--linear-epochs", "5"],
+        "probe_goal": 15.0,
+        "comparisons": [
+            {"arm": "simmim_cls", "baseline": "scratch_cls", "fraction": 0.5, "expected": 5.0},
+            {"arm": "simmim_cls", "baseline": "scratch_cls", "fraction": 1.0, "expected": None},
+            ["simmim_distill", "simmim_cls", 0.0],
+        ],
+        "curve": {"baseline": "scratch_cls", "arms": ["simmim_e1_cls", "simmim_cls"], "fraction": 0.5, "seed": 0},
         "reconstruction_images": 4,
         **changes,
     }
@@ -92,8 +108,11 @@ def test_every_stage_runs_once_in_order(study):
     spec, out = study
     names = [s.name for s in plan(load_spec(spec))]
     assert names == [
-        "pretrain", "reconstruction", "teacher", "teacher_final", "scratch_cls_s0", "simmim_cls_s0",
-        "simmim_distill_s3", "scratch_cls_s1", "simmim_cls_s1",
+        "pretrain", "reconstruction", "probe", "probe_e1", "teacher", "teacher_final",
+        "scratch_cls_sweep0", "scratch_cls_sweep1", "simmim_cls_sweep0", "simmim_cls_sweep1",
+        "scratch_cls_p50_s0", "scratch_cls_p100_s0", "simmim_cls_p50_s0", "simmim_cls_p100_s0",
+        "simmim_e1_cls_p50_s0", "simmim_distill_p100_s3",
+        "scratch_cls_p50_s1", "scratch_cls_p100_s1", "simmim_cls_p50_s1", "simmim_cls_p100_s1",
     ]  # fmt: skip
     for name in names:
         record = json.loads(
@@ -102,65 +121,160 @@ def test_every_stage_runs_once_in_order(study):
         assert record["done"] and record["seconds"] > 0
     # The teacher the students saw is the teacher run's last checkpoint, not its best-on-validation export.
     assert (out / "teacher" / "final" / "cnn_config.json").is_file()
-    distill = yaml.safe_load((out / "simmim_distill_s3" / "config.yaml").read_text())
+    distill = yaml.safe_load((out / "simmim_distill_p100_s3" / "config.yaml").read_text())
     assert distill["teacher"]["path"] == str(out / "teacher" / "final")
     assert distill["model"]["init"] == str(out / "pretrain") and distill["seed"] == 3
-    scratch = yaml.safe_load((out / "scratch_cls_s1" / "config.yaml").read_text())
-    assert scratch["optim"]["layer_decay"] == 1.0 and scratch["model"]["init"] == "scratch"
+    snapshot = yaml.safe_load((out / "simmim_e1_cls_p50_s0" / "config.yaml").read_text())
+    assert snapshot["model"]["init"] == str(out / "pretrain" / "snapshots" / "epoch_1")
+    half = yaml.safe_load((out / "scratch_cls_p50_s1" / "config.yaml").read_text())
+    assert half["data"]["label_fraction"] == 0.5 and half["train"]["epochs"] == 3
+    assert half["model"]["init"] == "scratch" and not half["data"]["holdout_from_train"]
+
+
+def test_the_sweep_is_judged_on_a_train_carve_and_its_choice_is_used(study):
+    _, out = study
+    r = json.loads((out / "study.json").read_text())
+    for arm in ("scratch_cls", "simmim_cls"):
+        for i in (0, 1):
+            cfg = yaml.safe_load((out / f"{arm}_sweep{i}" / "config.yaml").read_text())
+            assert cfg["data"]["holdout_from_train"] and cfg["data"]["val_fraction"] == 0.25
+            assert cfg["data"]["label_fraction"] == 0.5 and cfg["seed"] == 0
+        scores = [json.loads((out / f"{arm}_sweep{i}" / "metrics.json").read_text())["epochs"][-1]["top1"] for i in (0, 1)]
+        assert r["sweep"]["arms"][arm]["carve_top1"] == scores
+        best = 0 if scores[0] >= scores[1] else 1
+        chosen = SWEEP["candidates"][best]
+        assert r["sweep"]["arms"][arm]["chosen"] == chosen
+        decay = float(chosen[0].split("=")[1])
+        for run_dir in (f"{arm}_p50_s0", f"{arm}_p100_s1"):
+            assert yaml.safe_load((out / run_dir / "config.yaml").read_text())["optim"]["layer_decay"] == decay
+    simmim = r["sweep"]["arms"]["simmim_cls"]["chosen"]
+    for follower in ("simmim_e1_cls_p50_s0", "simmim_distill_p100_s3"):  # settings_from: simmim_cls
+        decay = yaml.safe_load((out / follower / "config.yaml").read_text())["optim"]["layer_decay"]
+        assert decay == float(simmim[0].split("=")[1])
 
 
 def test_report_numbers_are_the_runs_own(study):
     _, out = study
     r = json.loads((out / "study.json").read_text())
+    assert r["complete"]
 
     def final_top1(run: str) -> float:
         return json.loads((out / run / "metrics.json").read_text())["epochs"][-1]["top1"]
 
-    scratch = [final_top1("scratch_cls_s0"), final_top1("scratch_cls_s1")]
-    simmim = [final_top1("simmim_cls_s0"), final_top1("simmim_cls_s1")]
-    assert r["arms"]["scratch_cls"]["top1"] == scratch
+    scratch = [final_top1("scratch_cls_p50_s0"), final_top1("scratch_cls_p50_s1")]
+    simmim = [final_top1("simmim_cls_p50_s0"), final_top1("simmim_cls_p50_s1")]
+    half = r["arms"]["scratch_cls"]["fractions"]["0.5"]
+    assert half["top1"] == scratch and half["seeds"] == [0, 1]
     # Sample standard deviation of two values: |a - b| / sqrt(2).
-    mean, std = r["arms"]["scratch_cls"]["top1_mean_std"]
-    assert mean == pytest.approx(sum(scratch) / 2) and std == pytest.approx(
-        abs(scratch[0] - scratch[1]) / 2**0.5
-    )
-    assert math.isnan(r["arms"]["simmim_distill"]["top1_mean_std"][1])  # one seed: no spread
+    mean, std = half["top1_mean_std"]
+    assert mean == pytest.approx(sum(scratch) / 2) and std == pytest.approx(abs(scratch[0] - scratch[1]) / 2**0.5)
+    assert math.isnan(r["arms"]["simmim_distill"]["fractions"]["1"]["top1_mean_std"][1])  # one seed: no spread
     gap = r["comparisons"][0]
     assert gap["gap"] == pytest.approx(sum(simmim) / 2 - sum(scratch) / 2)
+    assert gap["paired_gaps"] == pytest.approx([simmim[0] - scratch[0], simmim[1] - scratch[1]])
     assert gap["met"] == (gap["gap"] >= 5.0 and gap["gap"] > gap["spread"])
+    assert r["comparisons"][1]["met"] is None  # no goal set
     assert r["teacher"]["top1"] == final_top1("teacher")
     recon = json.loads((out / "reconstruction" / "metrics.json").read_text())
     assert r["reconstruction"]["masked_l1"] == recon["masked_l1"]
+    probe = json.loads((out / "probe" / "metrics.json").read_text())
+    assert r["probes"]["probe"] == probe and "random_init" in probe
+    assert "random_init" not in r["probes"]["probe_e1"]  # the snapshot probes share the final one's baseline
+    curve = {p["epoch"]: p for p in r["curve"]}
+    assert sorted(curve) == [0, 1, 2]
+    assert curve[0]["top1"] == scratch[0] and curve[2]["top1"] == simmim[0]
+    assert curve[1]["top1"] == final_top1("simmim_e1_cls_p50_s0")
+    assert curve[1]["gain"] == pytest.approx(curve[1]["top1"] - scratch[0])
+    last = max(probe["encoder"]["knn"], key=int)
+    assert curve[2]["probe"]["knn"]["last"] == probe["encoder"]["knn"][last]["top1"]
 
     table = (out / "results.md").read_text()
-    assert f"| Scratch -> cls | scratch | cls | 2 | {mean:.2f} ± {std:.2f} |" in table
-    assert "| simmim_distill | simmim | distill | 1 |" in table  # label defaults to the name
-    assert f"{gap['gap']:+.2f}" in table and "| **total** |" in table
-    for png in ("accuracy.png", "pretraining.png", "reconstruction/reconstructions.png"):
+    assert "Partial" not in table
+    assert f"| Scratch -> cls | scratch | cls | {mean:.2f} ± {std:.2f} (n=2:" in table
+    assert "| simmim_distill | simmim | distill |" in table  # label defaults to the name
+    assert f"{gap['gap']:+.2f}" in table and "| **total** |" in table and "no goal set" in table
+    assert "kNN probe, encoder − random init" in table and "simmim vs scratch" in table
+    for png in ("label_efficiency.png", "pretraining_length.png", "pretraining.png", "probe/probe.png",
+                "reconstruction/reconstructions.png"):  # fmt: skip
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_rerun_skips_finished_stages_and_resumes_an_unfinished_one(study):
     spec, out = study
     before = json.loads((out / "study.json").read_text())
-    # As if the study had been killed during simmim_cls_s1: its checkpoints are there, its record not done.
-    record_file = out / "simmim_cls_s1" / "study_stage.json"
+    # As if the study had been killed during simmim_cls_p50_s1: its checkpoints are there, its record not done.
+    record_file = out / "simmim_cls_p50_s1" / "study_stage.json"
     record = json.loads(record_file.read_text())
     record_file.write_text(json.dumps({**record, "done": False}))
     result = run("study.py", [str(spec)])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("skipped") == 8
-    assert "== simmim_cls_s1:" in result.stdout
+    assert re.findall(r"^== (\S+):", result.stdout, re.M) == ["simmim_cls_p50_s1"]  # the only one run
     after = json.loads((out / "study.json").read_text())
     # Resumed from its final checkpoint: the same metrics, and its time accumulates.
-    assert after["arms"]["simmim_cls"]["top1"] == before["arms"]["simmim_cls"]["top1"]
-    assert after["stage_seconds"]["simmim_cls_s1"] > before["stage_seconds"]["simmim_cls_s1"]
+    assert after["arms"]["simmim_cls"]["fractions"] == {
+        k: {**v, "seconds": after["arms"]["simmim_cls"]["fractions"][k]["seconds"]}
+        for k, v in before["arms"]["simmim_cls"]["fractions"].items()
+    }
+    assert after["stage_seconds"]["simmim_cls_p50_s1"] > before["stage_seconds"]["simmim_cls_p50_s1"]
+
+
+def test_dry_run_prints_every_comparison_and_what_its_arms_differ_in(study):
+    spec, _ = study
+    result = run("study.py", [str(spec), "--dry-run"])
+    assert result.returncode == 0
+    lines = [x for x in result.stdout.splitlines() if x.startswith("comparison:")]
+    assert len(lines) == 3
+    assert "simmim_cls vs scratch_cls at 50% labels differ in: model.init: simmim vs scratch" in lines[0]
+    assert "the same sweep for both" in lines[0]
+    assert "model.head: distill vs cls" in lines[2]
+
+
+def test_an_unfair_comparison_is_refused_unless_the_spec_allows_it(tmp_path):
+    arms = [{**ARMS[0], "overrides": ["optim.layer_decay=1.0"]}, *ARMS[1:]]
+    spec = write_spec(tmp_path, arms=arms)
+    with pytest.raises(ValueError, match=r"simmim_cls vs scratch_cls is unfair: the arms also differ in "
+                       r"optim.layer_decay: \(recipe\) vs 1.0"):  # fmt: skip
+        load_spec(spec)
+    assert not (tmp_path / "study").exists()
+    # An untuned arm against a tuned one differs in the sweep: refused too.
+    with pytest.raises(ValueError, match="sweep: tuned vs not tuned"):
+        load_spec(write_spec(tmp_path, arms=[{**ARMS[0], "tune": False}, *ARMS[1:]]))
+    comparisons = [{"arm": "simmim_cls", "baseline": "scratch_cls", "fraction": 0.5, "expected": 5.0,
+                    "allow": ["optim.layer_decay"]}]  # fmt: skip
+    allowed = load_spec(write_spec(tmp_path, arms=arms, comparisons=comparisons))
+    (line,) = describe_comparisons(allowed)
+    assert "optim.layer_decay: (recipe) vs 1.0" in line and "(allowed: optim.layer_decay)" in line
+    result = run("study.py", [str(write_spec(tmp_path, arms=arms)), "--dry-run"])
+    assert result.returncode == 2 and result.stderr.startswith("error: comparison simmim_cls vs scratch_cls")
+
+
+def test_only_runs_the_named_stage_and_a_partial_report_says_so(tmp_path):
+    spec = write_spec(tmp_path)
+    result = run("study.py", [str(spec), "--only", "pretrain", "reconstruction"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "study"
+    assert json.loads((out / "pretrain" / "study_stage.json").read_text())["done"]
+    assert (out / "pretrain" / "snapshots" / "epoch_1" / "config.json").is_file()
+    assert not (out / "probe").exists() and not (out / "results.md").exists()
+    result = run("study.py", [str(spec), "--report"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (out / "results.md").read_text()
+    assert report.startswith("**Partial: 2 of 20 stages have run.**") and "not run" in report
+    assert run("study.py", [str(spec), "--only", "nosuchstage"]).returncode == 2
 
 
 @pytest.mark.parametrize(
     "changes, message",
     [
         ({"arms": [{**ARMS[0], "head": "mim"}, *ARMS[1:]]}, "head='mim'"),
+        ({"arms": [{**ARMS[0], "fractions": [0]}, *ARMS[1:]]}, "expected a label fraction in (0, 1]"),
+        ({"arms": [{**ARMS[0], "pretrain_epoch": 7}, *ARMS[1:]]}, "needs init simmim"),
+        ({"arms": [*ARMS[:2], {**ARMS[2], "pretrain_epoch": 7}, ARMS[3]]}, "not one of the pretraining's"),
+        ({"arms": [*ARMS[:3], {**ARMS[3], "settings_from": "nobody"}]}, "settings_from='nobody'"),
+        ({"sweep": {**SWEEP, "candidates": [["optim.layer_decay=0.75"]]}}, "two or more settings"),
+        ({"sweep": {**SWEEP, "candidates": [["optim.layer_decay=0.75"], ["optim.layer_decay=7"]]}}, "optim.layer_decay=7"),
+        ({"comparisons": [{"arm": "simmim_cls", "baseline": "scratch_cls", "fraction": 0.1}]}, "has no run at 0.1"),
+        ({"teacher": None}, "a distilled arm needs a 'teacher' recipe"),
         ({"arms": [{**ARMS[0], "seeds": []}, *ARMS[1:]]}, "seeds=[]"),
         ({"arms": [{**ARMS[0], "seeds": [1, 1]}, *ARMS[1:]]}, "repeats a seed"),
         ({"arms": [ARMS[0], *ARMS]}, "must be unique"),
@@ -182,7 +296,7 @@ def test_bad_spec_is_refused_before_any_stage(tmp_path, changes, message):
 
 def test_a_finished_stage_made_otherwise_is_not_reused(study, tmp_path):
     spec, out = study
-    changed = write_spec(tmp_path, output_dir=str(out), student_overrides=["train.epochs=3"])
+    changed = write_spec(tmp_path, output_dir=str(out), student_overrides=["train.epochs=4"])
     with pytest.raises(ValueError, match="was made by .* use another output directory"):
         run_study(load_spec(changed))
 
@@ -193,7 +307,7 @@ def test_a_failing_stage_stops_the_study_with_the_resume_hint(tmp_path):
     assert result.returncode == 1
     assert "stage teacher failed" in result.stderr and "run the same command to resume" in result.stderr
     assert json.loads((tmp_path / "study" / "pretrain" / "study_stage.json").read_text())["done"]
-    assert not (tmp_path / "study" / "scratch_cls_s0").exists()  # nothing after the failure ran
+    assert not (tmp_path / "study" / "scratch_cls_sweep0").exists()  # nothing after the failure ran
 
 
 def test_sigterm_stops_the_running_stage_which_saves_and_resumes_later(tmp_path):
