@@ -82,6 +82,9 @@ class ModelConfig:
     pooler_act: str = "tanh"
     drop_path_rate: float = 0.0
     init: str = "scratch"  # finetune only: SimMIM export/run dir, Transformers dir, timm file, or "scratch"
+    # a model built from scratch: position embeddings random (Transformers' and timm's init) or MAE's fixed
+    # 2-D sine-cosine table (trainable), which lets short runs use where patches are
+    position_embedding_init: Literal["random", "sincos"] = "random"
     head: Literal["mim", "cls", "distill", "cnn"] = "mim"
     arch: str | None = None  # head == "cnn": a torchvision classification model name, e.g. "resnet18"
 
@@ -200,7 +203,7 @@ class FinetuneConfig:
 
 
 # ModelConfig fields that are not DeiTConfig arguments.
-_NOT_DEIT = ("variant", "init", "head", "arch")
+_NOT_DEIT = ("variant", "init", "head", "arch", "position_embedding_init")
 
 
 def deit_config_kwargs(model: ModelConfig) -> dict[str, Any]:
@@ -485,6 +488,11 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
     arch = deit_config_kwargs(m)
     heads, width = arch["num_attention_heads"], arch["hidden_size"]
     _check(width % heads == 0, "model.num_attention_heads", heads, f"divide hidden_size={width}")
+    pe = m.position_embedding_init
+    _check(pe != "sincos" or width % 4 == 0, "model.position_embedding_init", pe,
+           f"be 'random' for hidden_size={width}: a 2-D sine-cosine table needs a multiple of 4")  # fmt: skip
+    _check(pe != "sincos" or m.init == "scratch", "model.position_embedding_init", pe,
+           f"be 'random' with model.init={m.init!r}: the checkpoint's position embeddings are loaded")  # fmt: skip
     _check(size % p == 0, "model.patch_size", p, f"divide model.image_size={size}")
     _check(o.min_lr <= o.base_lr, "optim.min_lr", o.min_lr, f"be <= optim.base_lr={o.base_lr}")
     t = cfg.train

@@ -82,7 +82,10 @@ def build_student(cfg: FinetuneConfig, id2label: dict[int, str]) -> tuple[nn.Mod
     cls = DeiTForImageClassification if cfg.model.head == "cls" else DeiTForImageClassificationWithTeacher
     labels = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
     if cfg.model.init == "scratch":
-        return cls(DeiTConfig(**deit_config_kwargs(cfg.model), **labels)), {}
+        model = cls(DeiTConfig(**deit_config_kwargs(cfg.model), **labels))
+        if cfg.model.position_embedding_init == "sincos":
+            model.deit.embeddings.init_sincos_position_embeddings()
+        return model, {}
     path = resolve_init(cfg.model.init)
     # Architecture from the checkpoint; resolution, regularisation and labels from this run.
     overrides = {"image_size": cfg.model.image_size, "drop_path_rate": cfg.model.drop_path_rate, **labels}

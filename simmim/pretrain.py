@@ -36,7 +36,10 @@ GRID_IMAGES = 8
 
 
 def build_model(cfg: PretrainConfig) -> DeiTForMaskedImageModeling:
-    return DeiTForMaskedImageModeling(DeiTConfig(**deit_config_kwargs(cfg.model)))
+    model = DeiTForMaskedImageModeling(DeiTConfig(**deit_config_kwargs(cfg.model)))
+    if cfg.model.position_embedding_init == "sincos":
+        model.deit.embeddings.init_sincos_position_embeddings()
+    return model
 
 
 def image_processor(image_size: int, mean, std) -> DeiTImageProcessor:
@@ -128,9 +131,14 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         pretrain_transform(cfg.model.image_size, mean=d.mean, std=d.std),
         masks,
     )
-    val_set = MaskedImageDataset(
-        open_split(cfg, d.val_split), eval_transform(cfg.model.image_size, mean=d.mean, std=d.std), masks
-    )
+    val_source = open_split(cfg, d.val_split)
+    if cfg.train.eval_batches is not None and not val_source.is_streaming:
+        # The periodic evaluation reads train.eval_batches batches: a seeded sample in random order, so that
+        # they (and the TensorBoard grid of the first batch) cover the split, not its first class folder.
+        count = min(len(val_source), cfg.train.eval_batches * d.batch_size)
+        order = torch.randperm(len(val_source), generator=torch.Generator().manual_seed(cfg.seed))
+        val_source = SubsetSource(val_source, order[:count].numpy())
+    val_set = MaskedImageDataset(val_source, eval_transform(cfg.model.image_size, mean=d.mean, std=d.std), masks)
 
     probe = online_probe(cfg) if cfg.train.probe_every_steps else None
 

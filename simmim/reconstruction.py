@@ -90,6 +90,13 @@ def load_masked_image_model(path: str | Path) -> LoadedCheckpoint:
 
 
 @torch.no_grad()
+def grid_indices(num_images: int, count: int, seed: int):
+    """Sorted indices of `count` images drawn with `seed` from a split of `num_images`: a sample spread over
+    the split (its first images are often one class: Imagenette's first 8 are all tench)."""
+    count = min(count, num_images)
+    return torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+
+
 def evaluate_reconstruction(
     model: DeiTForMaskedImageModeling,
     dataset: MaskedImageDataset,
@@ -103,7 +110,8 @@ def evaluate_reconstruction(
     bf16: bool = False,
     num_workers: int = 0,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], torch.Tensor | None]:
-    """Returns (summary metrics with baselines, one row per image, grid of the first images or None)."""
+    """Returns (summary metrics with baselines, one row per image, grid or None). The grid shows
+    `num_grid_images` images drawn with `seed` from the whole split (`grid_indices`), in split order."""
     device = accelerator.device
     model = model.to(device).eval()
     torch.manual_seed(seed)
@@ -123,7 +131,8 @@ def evaluate_reconstruction(
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     rows: list[dict[str, Any]] = []
-    grid_parts: list[tuple[torch.Tensor, ...]] = []
+    chosen = set(grid_indices(len(dataset), num_grid_images, seed).tolist())
+    grid_parts: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (index, x, recon, mask)
     skipped = 0
     for batch in tqdm(loader, desc="reconstruction", disable=not accelerator.is_main_process):
         skipped += batch["num_skipped"]
@@ -145,11 +154,15 @@ def evaluate_reconstruction(
             row.update({f"mean_fill_{k}": fill[k][i].item() for k in BASELINE_METRICS})
             row.update({f"random_init_{k}": rand[k][i].item() for k in BASELINE_METRICS})
             rows.append(row)
-        if sum(len(part[0]) for part in grid_parts) < num_grid_images:
-            grid_parts.append((x.cpu(), recon.cpu(), m.cpu()))
+        for i, index in enumerate(batch["index"].tolist()):
+            if index in chosen:
+                grid_parts.append((index, x[i].cpu(), recon[i].cpu(), m[i].cpu()))
 
     rows = sorted(gather_object(rows), key=lambda r: r["index"]) if accelerator.num_processes > 1 else rows
     skipped = sum(gather_object([skipped])) if accelerator.num_processes > 1 else skipped
+    if accelerator.num_processes > 1:
+        grid_parts = gather_object(grid_parts)
+    grid_parts.sort(key=lambda part: part[0])
 
     def mean_of(key: str) -> float:
         values = [r[key] for r in rows if not math.isnan(r[key])]
@@ -164,7 +177,7 @@ def evaluate_reconstruction(
     }
     grid = None
     if grid_parts and num_grid_images > 0:
-        x, recon, m = (torch.cat(t)[:num_grid_images] for t in zip(*grid_parts))
+        x, recon, m = (torch.stack(t) for t in list(zip(*grid_parts))[1:])
         grid = reconstruction_grid(x, recon, m, patch_size=p, mean=mean, std=std)
     return summary, rows, grid
 

@@ -105,3 +105,13 @@ def test_a_classifier_checkpoint_is_refused_with_exit_code_2(tmp_path):
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert "DeiTForImageClassification" in lines[0] and "masked-image" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_grid_shows_a_seeded_sample_spread_over_the_split():
+    from simmim.reconstruction import grid_indices
+
+    chosen = grid_indices(3925, 8, seed=0)
+    assert chosen.tolist() == sorted(chosen.tolist()) and len(set(chosen.tolist())) == 8
+    assert chosen.max() - chosen.min() > 3925 // 2  # not the first images (Imagenette's: all one class)
+    assert chosen.tolist() == grid_indices(3925, 8, seed=0).tolist() != grid_indices(3925, 8, seed=1).tolist()
+    assert grid_indices(5, 8, seed=0).tolist() == [0, 1, 2, 3, 4]

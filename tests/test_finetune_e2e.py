@@ -181,3 +181,23 @@ def test_finetune_resumes_exactly(tmp_path, simmim_export):
     a, b = last(full), last(split)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_label_fraction_and_a_train_holdout_shape_the_run(tmp_path):
+    """10 synthetic classes of 12-13 images: a quarter of each is 30 images, one step of 16 per epoch;
+    with a held-out quarter of train (the sweep's carve), training sees 96 images before the fraction."""
+    out = tmp_path / "run"
+    args = [f"output_dir={out}", *TINY, "model.head=cls", "data.label_fraction=0.25", "train.epochs=4",
+            "train.eval_every_epochs=2"]  # fmt: skip
+    result = run("finetune.py", args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "30 of 128 labelled images (class-balanced, drawn with seed 0)" in result.stdout
+    assert "30 training images" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [round(e["epoch"]) for e in metrics["epochs"]] == [2, 4]  # every 2 epochs, and the last
+
+    out = tmp_path / "holdout"
+    args = [f"output_dir={out}", *TINY, "model.head=cls", "data.holdout_from_train=true", "data.val_fraction=0.25"]
+    result = run("finetune.py", args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "96 training images" in result.stdout

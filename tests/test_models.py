@@ -374,3 +374,25 @@ def test_every_config_activation_builds():
     expected = {"relu": x.clamp(min=0), "quick_gelu": x * torch.sigmoid(1.702 * x), "tanh": torch.tanh(x)}
     for name, value in expected.items():
         torch.testing.assert_close(ACTIVATION_MODULES[name]()(x), value)
+
+
+def mae_2d_sincos(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """MAE's util/pos_embed.py get_2d_sincos_pos_embed (without the class token), for a grid_h x grid_w grid."""
+
+    def one_d(dim, pos):
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    grid = np.meshgrid(np.arange(grid_w, dtype=np.float64), np.arange(grid_h, dtype=np.float64))  # w first
+    return np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
+
+
+def test_sincos_position_embeddings_are_maes_table_and_stay_trainable():
+    model = DeiTForMaskedImageModeling(tiny_config(image_size=(32, 48)))  # a 4 x 6 grid: rows != columns
+    emb = model.deit.embeddings
+    emb.init_sincos_position_embeddings()
+    table = emb.position_embeddings.detach()[0].numpy()
+    assert np.all(table[: emb.num_prefix_tokens] == 0)
+    np.testing.assert_allclose(table[emb.num_prefix_tokens :], mae_2d_sincos(table.shape[1], 4, 6), atol=1e-6)
+    assert emb.position_embeddings.requires_grad

@@ -267,3 +267,18 @@ def test_export_command_and_keep_last(tmp_path, reference):
     exported = DeiTForMaskedImageModeling.from_pretrained(tmp_path / "e").state_dict()
     assert_same_weights(exported, load_file(str(oldest / "model.safetensors")))
     assert (tmp_path / "e" / "preprocessor_config.json").is_file()
+
+
+def test_the_main_job_in_short_beats_the_mean_colour_fill(tmp_path):
+    """The README's main job (recipes/smoke/pretrain_synthetic.yaml) for a quarter of its steps: its held-out
+    reconstruction must already beat filling each masked pixel with the image's mean visible colour."""
+    out = tmp_path / "smoke"
+    recipe = str(ROOT / "recipes" / "smoke" / "pretrain_synthetic.yaml")
+    result = run("pretrain.py", ["--recipe", recipe, f"output_dir={out}", "train.epochs=2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run("eval_reconstruction.py", ["--checkpoint", str(out), "--data", "synthetic", "--out", str(out / "eval")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    fill = metrics["baselines"]["mean_fill"]["masked_l1"]
+    assert metrics["num_images"] == 256
+    assert metrics["masked_l1"] <= 0.9 * fill, (metrics["masked_l1"], fill)

@@ -23,7 +23,7 @@ def test_recipe_loads_and_has_a_header(recipe, monkeypatch):
         if data != "synthetic" and not Path(data).exists():
             pytest.skip(f"{data} is absent: the study's stage recipes are checked where it is present")
         stages = plan(load_spec(recipe))  # validates every stage's recipe and overrides
-        assert {"pretrain", "reconstruction", "teacher"} <= {s.name for s in stages}
+        assert {"pretrain", "reconstruction", "probe"} <= {s.name for s in stages}
         return
     cls = PretrainConfig if "pretrain" in recipe.name or recipe.parent.name == "pretrain" else FinetuneConfig
     cfg = load_config(cls, recipe, ["output_dir=runs/x"])

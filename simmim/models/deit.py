@@ -129,6 +129,28 @@ class DeiTEmbeddings(nn.Module):
         self.position_embeddings = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, d))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
+    @torch.no_grad()
+    def init_sincos_position_embeddings(self) -> None:
+        """Fill the position embeddings with MAE's 2-D sine-cosine table (He et al., 2022,
+        `get_2d_sincos_pos_embed`): the first D/2 channels encode the column, the last D/2 the row, each as
+        [sin(pos * w_k), cos(pos * w_k)] with w_k = 10000^(-k / (D/4)), k < D/4; the prefix tokens get zeros. They stay trainable. Neighbouring
+        patches start out similar, which a model trained for a few hundred steps cannot learn from random
+        embeddings (docs/results.md, the main job)."""
+        d = self.position_embeddings.shape[-1]
+        if d % 4:
+            raise ValueError(f"a 2-D sine-cosine table needs hidden_size divisible by 4, not {d}")
+        gh, gw = self.grid_size
+        omega = 1.0 / 10000 ** (torch.arange(d // 4, dtype=torch.float64) / (d / 4))  # (D/4,)
+
+        def encode(pos: torch.Tensor) -> torch.Tensor:  # (N,) -> (N, D/2)
+            angles = pos.double()[:, None] * omega[None]
+            return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+        rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")  # (gh, gw)
+        table = torch.cat([encode(cols.flatten()), encode(rows.flatten())], dim=1)  # (gh*gw, D), row-major
+        self.position_embeddings.zero_()
+        self.position_embeddings[0, self.num_prefix_tokens :] = table.to(self.position_embeddings.dtype)
+
     def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
         """Position embeddings for an h x w patch grid: bicubic resize of the patch part, prefix kept."""
         p = self.patch_embeddings.patch_size
