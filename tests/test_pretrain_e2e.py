@@ -78,20 +78,29 @@ def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
 
 
 def test_smoke_recipe_end_to_end(tmp_path):
+    """The README's main job (recipes/smoke/pretrain_synthetic.yaml) for a quarter of its 512 steps: it
+    trains, exports for Transformers, and its held-out reconstruction already beats filling each masked
+    pixel with the image's mean visible colour (the full job reaches 0.68x, see the README)."""
     out = tmp_path / "smoke"
     result = run_script(
-        ["--recipe", str(ROOT / "recipes/smoke/pretrain_synthetic.yaml"), f"output_dir={out}"]
+        ["--recipe", str(ROOT / "recipes/smoke/pretrain_synthetic.yaml"), f"output_dir={out}", "train.epochs=2"]
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    evaluation = run("eval_reconstruction.py", ["--checkpoint", str(out), "--data", "synthetic", "--out", str(out / "eval")])
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    fill = metrics["baselines"]["mean_fill"]["masked_l1"]
+    assert metrics["num_images"] == 256
+    assert metrics["masked_l1"] <= 0.9 * fill, (metrics["masked_l1"], fill)
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["kind"] == "train"]
-    assert len(losses) >= 10
+    assert len(losses) == 8  # every 16 of the 128 steps
     # Loss goes down: the last quarter of the run is clearly below the first log window.
     assert sum(losses[-3:]) / 3 < 0.9 * losses[0], losses
     assert any(r["kind"] == "eval" and "masked_l1" in r for r in records)
     assert (out / "config.yaml").is_file()
     assert list((out / "tb").glob("events.out.tfevents*"))
-    assert latest_step(out) == 96
+    assert latest_step(out) == 128
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "simmim_config.yaml"):
         assert (out / "export" / name).is_file(), name
 
@@ -268,17 +277,3 @@ def test_export_command_and_keep_last(tmp_path, reference):
     assert_same_weights(exported, load_file(str(oldest / "model.safetensors")))
     assert (tmp_path / "e" / "preprocessor_config.json").is_file()
 
-
-def test_the_main_job_in_short_beats_the_mean_colour_fill(tmp_path):
-    """The README's main job (recipes/smoke/pretrain_synthetic.yaml) for a quarter of its steps: its held-out
-    reconstruction must already beat filling each masked pixel with the image's mean visible colour."""
-    out = tmp_path / "smoke"
-    recipe = str(ROOT / "recipes" / "smoke" / "pretrain_synthetic.yaml")
-    result = run("pretrain.py", ["--recipe", recipe, f"output_dir={out}", "train.epochs=2"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = run("eval_reconstruction.py", ["--checkpoint", str(out), "--data", "synthetic", "--out", str(out / "eval")])
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((out / "eval" / "metrics.json").read_text())
-    fill = metrics["baselines"]["mean_fill"]["masked_l1"]
-    assert metrics["num_images"] == 256
-    assert metrics["masked_l1"] <= 0.9 * fill, (metrics["masked_l1"], fill)
