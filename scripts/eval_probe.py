@@ -19,11 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from simmim.data import LabeledImageDataset, eval_transform, open_source
-from simmim.data.sources import SubsetSource, carve_split
+from simmim.data.sources import SubsetSource, carve_split, random_subset
 from simmim.models import DeiTModel
 from simmim.probe import (
     POOLS,
@@ -36,26 +35,28 @@ from simmim.probe import (
 )
 
 
-def _limit(source, count: int | None, seed: int):
-    """A seeded random subset of `count` images (all when None or larger than the source)."""
-    if count is None or count >= len(source):
-        return source
-    order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed)).numpy()
-    return SubsetSource(source, np.sort(order[:count]))
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True, help="run dir, export, Transformers dir or timm file")
     parser.add_argument("--data", required=True, help="a labelled image folder, HF dataset, or 'synthetic'")
     parser.add_argument("--out", required=True, help="directory to write")
-    parser.add_argument("--layers", type=int, nargs="+", help="blocks to probe (1-based); default: 4 evenly spaced")
-    parser.add_argument("--pool", choices=POOLS, default="avg", help="average-pooled patch tokens or the class token")
+    parser.add_argument(
+        "--layers", type=int, nargs="+", help="blocks to probe (1-based); default: 4 evenly spaced"
+    )
+    parser.add_argument(
+        "--pool", choices=POOLS, default="avg", help="average-pooled patch tokens or the class token"
+    )
     parser.add_argument("--probes", nargs="+", choices=("knn", "linear"), default=["knn", "linear"])
     parser.add_argument("--image-size", type=int, help="default: the encoder's")
     parser.add_argument("--num-heads", type=int, help="a timm file's attention heads (default: width / 64)")
-    parser.add_argument("--holdout", type=float, help="evaluate on this fraction of train, not the validation split")
-    parser.add_argument("--train-images", type=int, help="probe with a seeded subset of this many training images")
+    parser.add_argument(
+        "--holdout", type=float, help="evaluate on this fraction of train, not the validation split"
+    )
+    parser.add_argument(
+        "--train-images", type=int, help="probe with a seeded subset of this many training images"
+    )
     parser.add_argument("--val-images", type=int, help="report on a seeded subset of this many images")
     parser.add_argument("--linear-epochs", type=int, default=100)
     parser.add_argument("--no-random-init", action="store_true", help="skip the random-init baseline")
@@ -89,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--layers {bad}: the encoder has blocks 1..{config.num_hidden_layers}")
     image_size = args.image_size or config.image_hw[0]
     if image_size % config.patch_size:
-        raise ValueError(f"--image-size {image_size}: must be divisible by the patch size {config.patch_size}")
+        raise ValueError(
+            f"--image-size {image_size}: must be divisible by the patch size {config.patch_size}"
+        )
 
     if args.holdout is not None:
         full = open_source(args.data, "train", val_fraction=0.0)
@@ -101,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
     if not train_source.has_labels:
         raise ValueError(f"--data {args.data!r} has no labels: a probe needs class folders or a label column")
     num_classes = len(train_source.class_names)
-    train_source = _limit(train_source, args.train_images, args.seed)
-    val_source = _limit(val_source, args.val_images, args.seed + 1)
+    train_source = random_subset(train_source, args.train_images, args.seed)
+    val_source = random_subset(val_source, args.val_images, args.seed + 1)
     transform = eval_transform(image_size, mean=encoder.mean, std=encoder.std)
     out = Path(args.out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -123,11 +126,16 @@ def run(args: argparse.Namespace) -> int:
         )
 
     checkpoint = Path(encoder.source)
-    stamp = max(f.stat().st_mtime_ns for f in ([checkpoint] if checkpoint.is_file() else checkpoint.iterdir()))
+    stamp = max(
+        f.stat().st_mtime_ns for f in ([checkpoint] if checkpoint.is_file() else checkpoint.iterdir())
+    )
     models = {"encoder": (encoder.model, f"{checkpoint.resolve()}@{stamp}")}
     if not args.no_random_init:
         torch.manual_seed(args.seed)
-        models["random_init"] = (DeiTModel(config).eval(), "random_init:" + json.dumps(config.to_dict(), sort_keys=True) + f":{args.seed}")
+        models["random_init"] = (
+            DeiTModel(config).eval(),
+            "random_init:" + json.dumps(config.to_dict(), sort_keys=True) + f":{args.seed}",
+        )
     metrics = {
         "checkpoint": args.checkpoint, "data": args.data, "pool": args.pool, "layers": sorted(layers),
         "image_size": image_size, "holdout": args.holdout, "seed": args.seed,

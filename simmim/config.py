@@ -506,7 +506,12 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
         "be in (0, 1) with data.holdout_from_train=true (the share of train held out)",
     )  # fmt: skip
     if isinstance(cfg, PretrainConfig):
-        _check(d.label_fraction == 1.0, "data.label_fraction", d.label_fraction, "be 1.0: pretraining uses no labels")
+        _check(
+            d.label_fraction == 1.0,
+            "data.label_fraction",
+            d.label_fraction,
+            "be 1.0: pretraining uses no labels",
+        )
         _check(m.head == "mim", "model.head", m.head, 'be "mim" for pretraining')
         _check(m.init == "scratch", "model.init", m.init, 'be "scratch": pretraining starts from scratch')
         # SimMIM's mask generator works on a grid of mask patches, each a whole number of model patches.
@@ -515,11 +520,23 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
         _check(size % mp == 0, "mask.patch_size", mp, f"divide model.image_size={size}")
         depth = arch["num_hidden_layers"]
         layer = cfg.probe.layer
-        _check(layer is None or layer <= depth, "probe.layer", layer, f"be a block of the encoder (1..{depth})")
+        _check(
+            layer is None or layer <= depth, "probe.layer", layer, f"be a block of the encoder (1..{depth})"
+        )
         return
     _check(m.head != "mim", "model.head", m.head, 'be "cls", "distill" or "cnn" for fine-tuning')
-    _check(not t.snapshot_epochs, "train.snapshot_epochs", t.snapshot_epochs, "be empty: snapshots are for pretraining")
-    _check(t.probe_every_steps is None, "train.probe_every_steps", t.probe_every_steps, "be unset: the online probe is for pretraining")
+    _check(
+        not t.snapshot_epochs,
+        "train.snapshot_epochs",
+        t.snapshot_epochs,
+        "be empty: snapshots are for pretraining",
+    )
+    _check(
+        t.probe_every_steps is None,
+        "train.probe_every_steps",
+        t.probe_every_steps,
+        "be unset: the online probe is for pretraining",
+    )
     lo, hi = cfg.aug.crop_scale
     _check(lo <= hi, "aug.crop_scale", cfg.aug.crop_scale, "be (min, max) with min <= max")
     _check(m.head != "cnn" or bool(m.arch), "model.arch", m.arch, 'be set when model.head is "cnn"')

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
@@ -22,7 +21,7 @@ from simmim.data import (
     open_source,
     pretrain_transform,
 )
-from simmim.data.sources import SubsetSource, carve_split
+from simmim.data.sources import SubsetSource, carve_split, random_subset
 from simmim.engine import evaluation_loader, make_accelerator, train
 from simmim.masking import MaskGenerator
 from simmim.models import DeiTConfig, DeiTForMaskedImageModeling, DeiTImageProcessor
@@ -135,10 +134,12 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     if cfg.train.eval_batches is not None and not val_source.is_streaming:
         # The periodic evaluation reads train.eval_batches batches: a seeded sample in random order, so that
         # they (and the TensorBoard grid of the first batch) cover the split, not its first class folder.
-        count = min(len(val_source), cfg.train.eval_batches * d.batch_size)
-        order = torch.randperm(len(val_source), generator=torch.Generator().manual_seed(cfg.seed))
-        val_source = SubsetSource(val_source, order[:count].numpy())
-    val_set = MaskedImageDataset(val_source, eval_transform(cfg.model.image_size, mean=d.mean, std=d.std), masks)
+        val_source = random_subset(
+            val_source, cfg.train.eval_batches * d.batch_size, cfg.seed, keep_order=False
+        )
+    val_set = MaskedImageDataset(
+        val_source, eval_transform(cfg.model.image_size, mean=d.mean, std=d.std), masks
+    )
 
     probe = online_probe(cfg) if cfg.train.probe_every_steps else None
 
@@ -200,18 +201,14 @@ def online_probe(cfg: PretrainConfig) -> OnlineProbe:
     bank = open_source(path, d.train_split, **split_kw)
     queries = open_source(path, d.val_split, **split_kw)
     if not bank.has_labels:
-        raise ValueError(f"probe.data={path!r} has no labels: train.probe_every_steps needs a labelled dataset")
+        raise ValueError(
+            f"probe.data={path!r} has no labels: train.probe_every_steps needs a labelled dataset"
+        )
     transform = eval_transform(cfg.model.image_size, mean=d.mean, std=d.std)
 
-    def subset(source, count: int, seed: int):
-        if count >= len(source):
-            return source
-        order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed)).numpy()
-        return SubsetSource(source, np.sort(order[:count]))
-
     return OnlineProbe(
-        LabeledImageDataset(subset(bank, p.bank_images, cfg.seed), transform),
-        LabeledImageDataset(subset(queries, p.query_images, cfg.seed + 1), transform),
+        LabeledImageDataset(random_subset(bank, p.bank_images, cfg.seed), transform),
+        LabeledImageDataset(random_subset(queries, p.query_images, cfg.seed + 1), transform),
         num_classes=len(bank.class_names),
         layer=p.layer,
         batch_size=d.batch_size,

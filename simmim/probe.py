@@ -178,7 +178,12 @@ class OnlineProbe:
         num_workers: int = 0,
     ) -> None:
         self.sets = {"bank": bank, "queries": queries}
-        self.num_classes, self.layer, self.batch_size, self.num_workers = num_classes, layer, batch_size, num_workers
+        self.num_classes, self.layer, self.batch_size, self.num_workers = (
+            num_classes,
+            layer,
+            batch_size,
+            num_workers,
+        )
         self.batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     def _load(self) -> None:
@@ -294,7 +299,9 @@ def linear_probe(
         torch.set_num_threads(threads)
 
 
-def _train_linear(train_feats, train_labels, val_feats, val_labels, num_classes, epochs, batch_size, lr, seed):
+def _train_linear(
+    train_feats, train_labels, val_feats, val_labels, num_classes, epochs, batch_size, lr, seed
+):
     generator = torch.Generator().manual_seed(seed)
     dim = train_feats.shape[1]
     head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))

@@ -212,7 +212,9 @@ def load_spec(path: str | Path, output_dir: str | None = None) -> StudySpec:
         _keys(s, set(Sweep.__dataclass_fields__), f"{path}: sweep")
         candidates = s.get("candidates")
         if not isinstance(candidates, list) or len(candidates) < 2:
-            raise ValueError(f"{path}: sweep.candidates={candidates!r}, expected a list of two or more settings")
+            raise ValueError(
+                f"{path}: sweep.candidates={candidates!r}, expected a list of two or more settings"
+            )
         sweep = Sweep(
             candidates=tuple(_strings(c, f"sweep.candidates[{i}]") for i, c in enumerate(candidates)),
             fraction=_fraction(s.get("fraction", 1.0), "sweep.fraction"),
@@ -281,7 +283,9 @@ def load_spec(path: str | Path, output_dir: str | None = None) -> StudySpec:
     for c in spec.comparisons:
         for name in (c.arm, c.baseline):
             if c.fraction not in spec.arm(name).fractions:
-                raise ValueError(f"{path}: comparison {c.arm} vs {c.baseline}: {name} has no run at {c.fraction}")
+                raise ValueError(
+                    f"{path}: comparison {c.arm} vs {c.baseline}: {name} has no run at {c.fraction}"
+                )
         check_fair(spec, c)
     for stage in plan(spec, check=True):
         stage.check()
@@ -319,7 +323,11 @@ def sweep_keys(spec: StudySpec) -> set[str]:
 def comparison_diff(spec: StudySpec, c: Comparison) -> dict[str, tuple[str, str]]:
     a = arm_settings(spec, spec.arm(c.arm), c.fraction)
     b = arm_settings(spec, spec.arm(c.baseline), c.fraction)
-    return {k: (a.get(k, "(recipe)"), b.get(k, "(recipe)")) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+    return {
+        k: (a.get(k, "(recipe)"), b.get(k, "(recipe)"))
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k)
+    }
 
 
 def check_fair(spec: StudySpec, c: Comparison) -> None:
@@ -406,7 +414,10 @@ def chosen_candidate(spec: StudySpec, arm: Arm) -> tuple[str, ...] | None:
     scores = []
     for i in range(len(spec.sweep.candidates)):
         stage_dir = out / f"{source.name}_sweep{i}"
-        if not (stage_dir / STAGE_RECORD).is_file() or not json.loads((stage_dir / STAGE_RECORD).read_text())["done"]:
+        if (
+            not (stage_dir / STAGE_RECORD).is_file()
+            or not json.loads((stage_dir / STAGE_RECORD).read_text())["done"]
+        ):
             return None
         scores.append(_final_top1(stage_dir))
     return spec.sweep.candidates[max(range(len(scores)), key=lambda i: (scores[i], -i))]
@@ -437,9 +448,13 @@ def plan(spec: StudySpec, check: bool = False) -> list[Stage]:
     out = Path(spec.output_dir)
     data = f"data.path={spec.data}"
 
-    def training(name: str, script: str, cls: type, recipe: str, overrides: list[str], pending=False) -> Stage:
+    def training(
+        name: str, script: str, cls: type, recipe: str, overrides: list[str], pending=False
+    ) -> Stage:
         overrides = [data, *overrides, f"output_dir={out / name}"]
-        return Stage(name, script, ["--recipe", recipe, *overrides], out / name, (cls, recipe, overrides), pending)
+        return Stage(
+            name, script, ["--recipe", recipe, *overrides], out / name, (cls, recipe, overrides), pending
+        )
 
     stages = [
         training("pretrain", "pretrain.py", PretrainConfig, spec.pretrain, list(spec.pretrain_overrides)),
@@ -453,7 +468,15 @@ def plan(spec: StudySpec, check: bool = False) -> list[Stage]:
         Stage(
             "probe",
             "eval_probe.py",
-            ["--checkpoint", str(out / "pretrain"), "--data", spec.data, "--out", str(out / "probe"), *spec.probe],
+            [
+                "--checkpoint",
+                str(out / "pretrain"),
+                "--data",
+                spec.data,
+                "--out",
+                str(out / "probe"),
+                *spec.probe,
+            ],
             out / "probe",
         ),
     ]
@@ -463,27 +486,53 @@ def plan(spec: StudySpec, check: bool = False) -> list[Stage]:
             Stage(
                 f"probe_e{epoch}",
                 "eval_probe.py",
-                ["--checkpoint", str(snapshot), "--data", spec.data, "--out", str(out / f"probe_e{epoch}"),
-                 "--no-random-init", *spec.probe],
+                [
+                    "--checkpoint",
+                    str(snapshot),
+                    "--data",
+                    spec.data,
+                    "--out",
+                    str(out / f"probe_e{epoch}"),
+                    "--no-random-init",
+                    *spec.probe,
+                ],
                 out / f"probe_e{epoch}",
             )  # fmt: skip
         )
     if spec.teacher:
         stages.append(
-            training("teacher", "finetune.py", FinetuneConfig, spec.teacher, ["model.head=cnn", *spec.teacher_overrides])
+            training(
+                "teacher",
+                "finetune.py",
+                FinetuneConfig,
+                spec.teacher,
+                ["model.head=cnn", *spec.teacher_overrides],
+            )
         )
         stages.append(
-            Stage("teacher_final", "export.py", [str(out / "teacher"), "--out", str(out / "teacher" / "final")],
-                  out / "teacher" / "final")  # fmt: skip
+            Stage(
+                "teacher_final",
+                "export.py",
+                [str(out / "teacher"), "--out", str(out / "teacher" / "final")],
+                out / "teacher" / "final",
+            )  # fmt: skip
         )
     if spec.sweep is not None:
         s = spec.sweep
-        carve = ["data.holdout_from_train=true", f"data.val_fraction={s.holdout:g}", f"data.holdout_seed={s.seed}"]
+        carve = [
+            "data.holdout_from_train=true",
+            f"data.val_fraction={s.holdout:g}",
+            f"data.holdout_seed={s.seed}",
+        ]
         for arm in spec.arms:
             if arm.tune and arm.settings_from is None:
                 for i, candidate in enumerate(s.candidates):
                     overrides = [*_student_overrides(spec, arm, s.fraction, s.seed), *candidate, *carve]
-                    stages.append(training(f"{arm.name}_sweep{i}", "finetune.py", FinetuneConfig, spec.student, overrides))
+                    stages.append(
+                        training(
+                            f"{arm.name}_sweep{i}", "finetune.py", FinetuneConfig, spec.student, overrides
+                        )
+                    )
     runs = [(arm, f, seed) for arm in spec.arms for f in arm.fractions for seed in arm.seeds]
     order = sorted(range(len(runs)), key=lambda i: (runs[i][0].seeds.index(runs[i][2]), i))
     for i in order:
@@ -495,8 +544,14 @@ def plan(spec: StudySpec, check: bool = False) -> list[Stage]:
                 candidate = spec.sweep.candidates[0]
             overrides = [*_student_overrides(spec, arm, fraction, seed), *candidate]
             stages.append(
-                training(run_name(arm, fraction, seed), "finetune.py", FinetuneConfig, spec.student, overrides,
-                         pending=chosen is None)  # fmt: skip
+                training(
+                    run_name(arm, fraction, seed),
+                    "finetune.py",
+                    FinetuneConfig,
+                    spec.student,
+                    overrides,
+                    pending=chosen is None,
+                )  # fmt: skip
             )
     return stages
 
@@ -546,13 +601,17 @@ def _check_reuse(stages: list[Stage]) -> None:
             )
 
 
-def run_study(spec: StudySpec, launcher: list[str] | None = None, only: list[str] | None = None) -> Path | None:
+def run_study(
+    spec: StudySpec, launcher: list[str] | None = None, only: list[str] | None = None
+) -> Path | None:
     """Run every stage not yet done, then write the report; returns the path of results.md.
 
     With `only` (stage names), run just those stages and write no report (e.g. start the long pretraining
     first); the study's later run skips them as done."""
     if not SCRIPTS.is_dir():
-        raise FileNotFoundError(f"{SCRIPTS} not found: a study runs the scripts of a source checkout of simmim")
+        raise FileNotFoundError(
+            f"{SCRIPTS} not found: a study runs the scripts of a source checkout of simmim"
+        )
     launcher = launcher or [sys.executable]
     _check_reuse(plan(spec))
     for line in describe_comparisons(spec):
@@ -650,7 +709,9 @@ def collect(spec: StudySpec) -> dict[str, Any]:
                 "top1": list(final.values()),  # the last epoch's: the number a fixed budget produces
                 "top1_mean_std": _mean_std(list(final.values())),
                 "top5": [_history(d)[-1].get("top5", math.nan) for d in runs.values()],
-                "best_epoch_top1": [max(r["top1"] for r in _history(d)) for d in runs.values()],  # reference only
+                "best_epoch_top1": [
+                    max(r["top1"] for r in _history(d)) for d in runs.values()
+                ],  # reference only
                 "seconds": [times.get(run_name(arm, f, s), 0.0) for s in final],
                 "history": {str(s): _history(d) for s, d in runs.items()},
             }
@@ -663,8 +724,12 @@ def collect(spec: StudySpec) -> dict[str, Any]:
         a = results["arms"][c.arm]["fractions"][f"{c.fraction:g}"]
         b = results["arms"][c.baseline]["fractions"][f"{c.fraction:g}"]
         gap = a["top1_mean_std"][0] - b["top1_mean_std"][0]
-        spread = max((s for s in (a["top1_mean_std"][1], b["top1_mean_std"][1]) if not math.isnan(s)), default=0.0)
-        paired = [x - y for s, x in zip(a["seeds"], a["top1"]) for t, y in zip(b["seeds"], b["top1"]) if s == t]
+        spread = max(
+            (s for s in (a["top1_mean_std"][1], b["top1_mean_std"][1]) if not math.isnan(s)), default=0.0
+        )
+        paired = [
+            x - y for s, x in zip(a["seeds"], a["top1"]) for t, y in zip(b["seeds"], b["top1"]) if s == t
+        ]
         results["comparisons"].append(
             {"arm": c.arm, "baseline": c.baseline, "fraction": c.fraction, "gap": gap, "expected": c.expected,
              "spread": spread, "paired_gaps": paired, "seeds": (len(a["seeds"]), len(b["seeds"])),
@@ -730,6 +795,11 @@ def _probe_summary(metrics: dict | None, which: str) -> dict[str, Any] | None:
     return summary
 
 
+def _probe_cell(summary: dict | None, probe: str) -> str:
+    q = (summary or {}).get(probe)
+    return f"{q['last']:.2f} / {q['best']:.2f} (block {q['best_layer']})" if q else "not run"
+
+
 def write_report(spec: StudySpec) -> Path:
     """results.md, label_efficiency.png, pretraining_length.png, pretraining.png and study.json."""
     out = Path(spec.output_dir)
@@ -742,7 +812,7 @@ def write_report(spec: StudySpec) -> Path:
     fractions = sorted({f for a in spec.arms for f in a.fractions}, reverse=True)
     lines += ["| Arm | Init | Head | " + " | ".join(f"{percent(f)}% labels" for f in fractions) + " |",
               "|---|---|---|" + "---|" * len(fractions)]  # fmt: skip
-    for name, arm in r["arms"].items():
+    for arm in r["arms"].values():
         cells = []
         for f in fractions:
             runs = arm["fractions"].get(f"{f:g}")
@@ -780,30 +850,40 @@ def write_report(spec: StudySpec) -> Path:
                   "random init):", "", "| Pretraining epochs | Fine-tune top-1 | Gain over scratch | kNN top-1 "
                   "(last / best block) | Linear top-1 (last / best block) |", "|---|---|---|---|---|"]  # fmt: skip
         for p in r["curve"]:
-            probe = p["probe"] or {}
-
-            def cell(name: str) -> str:
-                q = probe.get(name)
-                return f"{q['last']:.2f} / {q['best']:.2f} (block {q['best_layer']})" if q else "not run"
-
             top1 = "not run" if p["top1"] is None else f"{p['top1']:.2f}"
             gain = "" if p["gain"] is None else f"{p['gain']:+.2f}"
-            lines.append(f"| {p['epoch']} | {top1} | {gain} | {cell('knn')} | {cell('linear')} |")
+            knn, linear = (_probe_cell(p["probe"], name) for name in ("knn", "linear"))
+            lines.append(f"| {p['epoch']} | {top1} | {gain} | {knn} | {linear} |")
     if "probe" in r["probes"]:
         m = r["probes"]["probe"]
         lines += ["", f"Probes of the final encoder ({m['train_images']} train / {m['val_images']} validation images, "
                   f"{m['pool']} pooling), top-1 (%) by block:", "",
                   "| Block | kNN | kNN, random init | Linear | Linear, random init |", "|---|---|---|---|---|"]  # fmt: skip
         for layer in map(str, m["layers"]):
-            row = [m.get(w, {}).get(p, {}).get(layer, {}).get("top1") for p in ("knn", "linear") for w in ("encoder", "random_init")]
+            row = [
+                m.get(w, {}).get(p, {}).get(layer, {}).get("top1")
+                for p in ("knn", "linear")
+                for w in ("encoder", "random_init")
+            ]
             lines.append(f"| {layer} | " + " | ".join("" if v is None else f"{v:.2f}" for v in row) + " |")
         if "random_init" in m:
-            gains = {k: m["encoder"]["knn"][k]["top1"] - m["random_init"]["knn"][k]["top1"] for k in m["encoder"]["knn"]}
+            gains = {
+                k: m["encoder"]["knn"][k]["top1"] - m["random_init"]["knn"][k]["top1"]
+                for k in m["encoder"]["knn"]
+            }
             best = max(gains, key=gains.get)
-            goal = "" if spec.probe_goal is None else (
-                f" (expected ≥ {spec.probe_goal:+.1f}: {'met' if gains[best] >= spec.probe_goal else 'not met'})")
-            lines += ["", f"- kNN probe, encoder − random init: **{gains[best]:+.2f}** points at block {best} (the "
-                      f"largest gain), {gains[max(gains, key=int)]:+.2f} at the last block{goal}"]
+            goal = (
+                ""
+                if spec.probe_goal is None
+                else (
+                    f" (expected ≥ {spec.probe_goal:+.1f}: {'met' if gains[best] >= spec.probe_goal else 'not met'})"
+                )
+            )
+            lines += [
+                "",
+                f"- kNN probe, encoder − random init: **{gains[best]:+.2f}** points at block {best} (the "
+                f"largest gain), {gains[max(gains, key=int)]:+.2f} at the last block{goal}",
+            ]
     if "reconstruction" in r:
         rec, base = r["reconstruction"], r["reconstruction"]["baselines"]
         lines += ["", f"Reconstruction of the pretrained model on {rec['num_images']} validation images (mask ratio "
@@ -855,7 +935,9 @@ def plot_label_efficiency(spec: StudySpec, r: dict[str, Any], path: Path) -> Non
         line = ax.plot([100 * f for f, _ in points], [runs["top1_mean_std"][0] for _, runs in points],
                        marker="o", label=arm["label"])  # fmt: skip
         for f, runs in points:
-            ax.scatter([100 * f] * len(runs["top1"]), runs["top1"], s=10, color=line[0].get_color(), alpha=0.5)
+            ax.scatter(
+                [100 * f] * len(runs["top1"]), runs["top1"], s=10, color=line[0].get_color(), alpha=0.5
+            )
     ax.set_xscale("log")
     ax.set(xlabel="labelled training images (%)", ylabel="validation top-1 (%)", title="label efficiency")
     ax.grid(alpha=0.3)
@@ -873,7 +955,12 @@ def plot_pretraining_length(curve: list[dict[str, Any]], path: Path) -> None:
     ax.plot([p["epoch"] for p in done], [p["top1"] for p in done], "o-", label="fine-tune top-1")
     for probe in ("knn", "linear"):
         pts = [p for p in curve if p["probe"] and probe in p["probe"]]
-        ax.plot([p["epoch"] for p in pts], [p["probe"][probe]["best"] for p in pts], "s--", label=f"{probe} probe (best block)")
+        ax.plot(
+            [p["epoch"] for p in pts],
+            [p["probe"][probe]["best"] for p in pts],
+            "s--",
+            label=f"{probe} probe (best block)",
+        )
     ax.set(xlabel="SimMIM pretraining epochs (0 = random init)", ylabel="validation top-1 (%)",
            title="what pretraining length buys")  # fmt: skip
     ax.grid(alpha=0.3)
@@ -892,8 +979,19 @@ def plot_pretraining(run_dir: Path, path: Path) -> None:
     evals = [x for x in records if x["kind"] == "eval" and "masked_l1" in x]
     probes = [x for x in records if x["kind"] == "probe"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot([x["step"] / steps_per_epoch for x in train], [x["loss"] for x in train], lw=1, label="train loss (masked L1)")
-    ax.plot([x["step"] / steps_per_epoch for x in evals], [x["masked_l1"] for x in evals], "o-", ms=3, label="held-out masked L1")
+    ax.plot(
+        [x["step"] / steps_per_epoch for x in train],
+        [x["loss"] for x in train],
+        lw=1,
+        label="train loss (masked L1)",
+    )
+    ax.plot(
+        [x["step"] / steps_per_epoch for x in evals],
+        [x["masked_l1"] for x in evals],
+        "o-",
+        ms=3,
+        label="held-out masked L1",
+    )
     ax.set(xlabel="epoch", ylabel="L1 on masked pixels (normalised)", title="SimMIM pretraining")
     ax.grid(alpha=0.3)
     if probes:

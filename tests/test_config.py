@@ -151,9 +151,16 @@ def test_values_are_coerced_to_the_annotation():
         (FinetuneConfig, ["train.eval_every_epochs=0"], "train.eval_every_epochs"),
         (PretrainConfig, ["train.probe_every_steps=0"], "train.probe_every_steps"),
         (PretrainConfig, ["model.num_hidden_layers=2", "probe.layer=3"], "probe.layer"),
-        (PretrainConfig, ["model.hidden_size=30", "model.num_attention_heads=3", "model.position_embedding_init=sincos"],
-         "model.position_embedding_init"),
-        (FinetuneConfig, ["model.init=runs/a", "model.position_embedding_init=sincos"], "model.position_embedding_init"),
+        (
+            PretrainConfig,
+            ["model.hidden_size=30", "model.num_attention_heads=3", "model.position_embedding_init=sincos"],
+            "model.position_embedding_init",
+        ),
+        (
+            FinetuneConfig,
+            ["model.init=runs/a", "model.position_embedding_init=sincos"],
+            "model.position_embedding_init",
+        ),
     ],
 )
 def test_validation_names_the_key(cls, overrides, key):

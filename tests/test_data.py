@@ -441,7 +441,9 @@ def test_synthetic_classes_differ_in_shape_not_only_colour():
         edge_density.setdefault(source[i][1], []).append(edges)
     means = {label: np.mean(v) for label, v in edge_density.items()}
     assert means[SYNTHETIC_CLASSES.index("checkerboard")] > 1.6 * means[SYNTHETIC_CLASSES.index("disc")]
-    assert means[SYNTHETIC_CLASSES.index("horizontal_stripes")] > 1.6 * means[SYNTHETIC_CLASSES.index("square")]
+    assert (
+        means[SYNTHETIC_CLASSES.index("horizontal_stripes")] > 1.6 * means[SYNTHETIC_CLASSES.index("square")]
+    )
 
 
 def test_unknown_split_raises(tmp_path):

@@ -197,7 +197,13 @@ def test_label_fraction_and_a_train_holdout_shape_the_run(tmp_path):
     assert [round(e["epoch"]) for e in metrics["epochs"]] == [2, 4]  # every 2 epochs, and the last
 
     out = tmp_path / "holdout"
-    args = [f"output_dir={out}", *TINY, "model.head=cls", "data.holdout_from_train=true", "data.val_fraction=0.25"]
+    args = [
+        f"output_dir={out}",
+        *TINY,
+        "model.head=cls",
+        "data.holdout_from_train=true",
+        "data.val_fraction=0.25",
+    ]
     result = run("finetune.py", args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "96 training images" in result.stdout

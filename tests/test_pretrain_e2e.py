@@ -83,10 +83,18 @@ def test_smoke_recipe_end_to_end(tmp_path):
     pixel with the image's mean visible colour (the full job reaches 0.68x, see the README)."""
     out = tmp_path / "smoke"
     result = run_script(
-        ["--recipe", str(ROOT / "recipes/smoke/pretrain_synthetic.yaml"), f"output_dir={out}", "train.epochs=2"]
+        [
+            "--recipe",
+            str(ROOT / "recipes/smoke/pretrain_synthetic.yaml"),
+            f"output_dir={out}",
+            "train.epochs=2",
+        ]
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    evaluation = run("eval_reconstruction.py", ["--checkpoint", str(out), "--data", "synthetic", "--out", str(out / "eval")])
+    evaluation = run(
+        "eval_reconstruction.py",
+        ["--checkpoint", str(out), "--data", "synthetic", "--out", str(out / "eval")],
+    )
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     fill = metrics["baselines"]["mean_fill"]["masked_l1"]
@@ -276,4 +284,3 @@ def test_export_command_and_keep_last(tmp_path, reference):
     exported = DeiTForMaskedImageModeling.from_pretrained(tmp_path / "e").state_dict()
     assert_same_weights(exported, load_file(str(oldest / "model.safetensors")))
     assert (tmp_path / "e" / "preprocessor_config.json").is_file()
-

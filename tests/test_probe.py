@@ -68,7 +68,10 @@ def test_linear_probe_separates_a_separable_set_and_is_at_chance_on_shuffled_lab
     features, queries = torch.randn(400, 16, generator=g), torch.randn(1000, 16, generator=g)
     shuffled = tl[torch.randperm(400, generator=g)]
     truth = torch.randint(0, 4, (1000,), generator=g)
-    for result in (linear_probe(features, shuffled, queries, truth, 4, epochs=30), knn_probe(features, shuffled, queries, truth, 4)):
+    for result in (
+        linear_probe(features, shuffled, queries, truth, 4, epochs=30),
+        knn_probe(features, shuffled, queries, truth, 4),
+    ):
         assert 19.0 <= result["top1"] <= 31.0
 
 

@@ -86,7 +86,12 @@ def write_spec(directory: Path, **changes) -> Path:
             {"arm": "simmim_cls", "baseline": "scratch_cls", "fraction": 1.0, "expected": None},
             ["simmim_distill", "simmim_cls", 0.0],
         ],
-        "curve": {"baseline": "scratch_cls", "arms": ["simmim_e1_cls", "simmim_cls"], "fraction": 0.5, "seed": 0},
+        "curve": {
+            "baseline": "scratch_cls",
+            "arms": ["simmim_e1_cls", "simmim_cls"],
+            "fraction": 0.5,
+            "seed": 0,
+        },
         "reconstruction_images": 4,
         **changes,
     }
@@ -139,14 +144,19 @@ def test_the_sweep_is_judged_on_a_train_carve_and_its_choice_is_used(study):
             cfg = yaml.safe_load((out / f"{arm}_sweep{i}" / "config.yaml").read_text())
             assert cfg["data"]["holdout_from_train"] and cfg["data"]["val_fraction"] == 0.25
             assert cfg["data"]["label_fraction"] == 0.5 and cfg["seed"] == 0
-        scores = [json.loads((out / f"{arm}_sweep{i}" / "metrics.json").read_text())["epochs"][-1]["top1"] for i in (0, 1)]
+        scores = [
+            json.loads((out / f"{arm}_sweep{i}" / "metrics.json").read_text())["epochs"][-1]["top1"]
+            for i in (0, 1)
+        ]
         assert r["sweep"]["arms"][arm]["carve_top1"] == scores
         best = 0 if scores[0] >= scores[1] else 1
         chosen = SWEEP["candidates"][best]
         assert r["sweep"]["arms"][arm]["chosen"] == chosen
         decay = float(chosen[0].split("=")[1])
         for run_dir in (f"{arm}_p50_s0", f"{arm}_p100_s1"):
-            assert yaml.safe_load((out / run_dir / "config.yaml").read_text())["optim"]["layer_decay"] == decay
+            assert (
+                yaml.safe_load((out / run_dir / "config.yaml").read_text())["optim"]["layer_decay"] == decay
+            )
     simmim = r["sweep"]["arms"]["simmim_cls"]["chosen"]
     for follower in ("simmim_e1_cls_p50_s0", "simmim_distill_p100_s3"):  # settings_from: simmim_cls
         decay = yaml.safe_load((out / follower / "config.yaml").read_text())["optim"]["layer_decay"]
@@ -167,8 +177,12 @@ def test_report_numbers_are_the_runs_own(study):
     assert half["top1"] == scratch and half["seeds"] == [0, 1]
     # Sample standard deviation of two values: |a - b| / sqrt(2).
     mean, std = half["top1_mean_std"]
-    assert mean == pytest.approx(sum(scratch) / 2) and std == pytest.approx(abs(scratch[0] - scratch[1]) / 2**0.5)
-    assert math.isnan(r["arms"]["simmim_distill"]["fractions"]["1"]["top1_mean_std"][1])  # one seed: no spread
+    assert mean == pytest.approx(sum(scratch) / 2) and std == pytest.approx(
+        abs(scratch[0] - scratch[1]) / 2**0.5
+    )
+    assert math.isnan(
+        r["arms"]["simmim_distill"]["fractions"]["1"]["top1_mean_std"][1]
+    )  # one seed: no spread
     gap = r["comparisons"][0]
     assert gap["gap"] == pytest.approx(sum(simmim) / 2 - sum(scratch) / 2)
     assert gap["paired_gaps"] == pytest.approx([simmim[0] - scratch[0], simmim[1] - scratch[1]])
@@ -273,8 +287,14 @@ def test_only_runs_the_named_stage_and_a_partial_report_says_so(tmp_path):
         ({"arms": [*ARMS[:2], {**ARMS[2], "pretrain_epoch": 7}, ARMS[3]]}, "not one of the pretraining's"),
         ({"arms": [*ARMS[:3], {**ARMS[3], "settings_from": "nobody"}]}, "settings_from='nobody'"),
         ({"sweep": {**SWEEP, "candidates": [["optim.layer_decay=0.75"]]}}, "two or more settings"),
-        ({"sweep": {**SWEEP, "candidates": [["optim.layer_decay=0.75"], ["optim.layer_decay=7"]]}}, "optim.layer_decay=7"),
-        ({"comparisons": [{"arm": "simmim_cls", "baseline": "scratch_cls", "fraction": 0.1}]}, "has no run at 0.1"),
+        (
+            {"sweep": {**SWEEP, "candidates": [["optim.layer_decay=0.75"], ["optim.layer_decay=7"]]}},
+            "optim.layer_decay=7",
+        ),
+        (
+            {"comparisons": [{"arm": "simmim_cls", "baseline": "scratch_cls", "fraction": 0.1}]},
+            "has no run at 0.1",
+        ),
         ({"teacher": None}, "a distilled arm needs a 'teacher' recipe"),
         ({"arms": [{**ARMS[0], "seeds": []}, *ARMS[1:]]}, "seeds=[]"),
         ({"arms": [{**ARMS[0], "seeds": [1, 1]}, *ARMS[1:]]}, "repeats a seed"),

@@ -535,6 +535,15 @@ class SubsetSource(ImageSource):
         return self.source.load(int(self.indices[index]), decode_size)
 
 
+def random_subset(source: ImageSource, count: int | None, seed: int, keep_order: bool = True) -> ImageSource:
+    """`count` samples of a map-style source drawn with `seed` (all when None or more than it has); in the
+    source's order, or with `keep_order=False` in the drawn (random) order, the whole source shuffled too."""
+    if keep_order and (count is None or count >= len(source)):
+        return source
+    chosen = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:count].numpy()
+    return SubsetSource(source, np.sort(chosen) if keep_order else chosen)
+
+
 def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Sorted indices of `fraction` of each class's samples (at least one per class), drawn with `seed`.
 

@@ -90,8 +90,13 @@ def render_synthetic_image(
     u, v = grid
     # Background: a bilinear blend of four corner colours. It varies smoothly across the whole image, so
     # a masked block is predictable from its surroundings but not from the image's mean colour.
-    corners = rng.uniform(0, 1, size=(4, 3)).astype(np.float32)  # top-left, top-right, bottom-left, bottom-right
-    corners[3], corners[2] = 1.0 - corners[0], 1.0 - corners[1]  # opposite corners complementary: strong contrast
+    corners = rng.uniform(0, 1, size=(4, 3)).astype(
+        np.float32
+    )  # top-left, top-right, bottom-left, bottom-right
+    corners[3], corners[2] = (
+        1.0 - corners[0],
+        1.0 - corners[1],
+    )  # opposite corners complementary: strong contrast
     top = corners[0] * (1 - u[..., None]) + corners[1] * u[..., None]  # (S, S, 3)
     bottom = corners[2] * (1 - u[..., None]) + corners[3] * u[..., None]
     background = top * (1 - v[..., None]) + bottom * v[..., None]
