@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import run_script as run
-from test_pretrain_e2e import TINY
+from test_pretrain_e2e import TINY, final_weights
 
 from simmim.data.sources import SubsetSource, balanced_subset, open_source
 from simmim.models import (
@@ -131,13 +131,15 @@ def test_load_encoder_reads_every_checkpoint_kind(tmp_path):
     assert inferred.num_attention_heads == 1  # width / 64, at least one
 
 
+PROBED = [*TINY, "train.probe_every_steps=8", "probe.bank_images=60", "probe.query_images=30",
+          "train.snapshot_epochs=[1]"]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A tiny pretraining run with the online probe every 8 steps (32 steps in all)."""
     out = tmp_path_factory.mktemp("probe_run")
-    args = [f"output_dir={out}", *TINY, "train.probe_every_steps=8", "probe.bank_images=60",
-            "probe.query_images=30", "train.snapshot_epochs=[1]"]  # fmt: skip
-    result = run("pretrain.py", args)
+    result = run("pretrain.py", [f"output_dir={out}", *PROBED])
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -150,6 +152,21 @@ def test_online_probe_logs_knn_accuracy_at_its_cadence(pretrained):
         assert 0 <= r["probe_knn_top1"] <= r["probe_knn_top5"] <= 100
         assert r["probe_seconds"] > 0
     assert (pretrained / "tb").is_dir()
+
+
+def test_a_resumed_run_with_the_online_probe_ends_with_the_same_weights(pretrained, tmp_path):
+    """The probe draws no random numbers from the training's generators: stopping after step 12 (between
+    two probes) and resuming gives the uninterrupted run's weights, bit for bit."""
+    out = tmp_path / "resumed"
+    first = run("pretrain.py", [f"output_dir={out}", *PROBED, "train.max_steps=12"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run("pretrain.py", [f"output_dir={out}", *PROBED])
+    assert second.returncode == 0 and "resuming from" in second.stdout, second.stderr[-3000:]
+    assert_same = torch.testing.assert_close
+    want, got = final_weights(pretrained), final_weights(out)
+    assert want.keys() == got.keys()
+    for key in want:
+        assert_same(got[key], want[key], rtol=0, atol=0)
 
 
 def test_snapshots_are_exports_of_that_epoch(pretrained):
