@@ -101,7 +101,7 @@ def load_encoder(checkpoint: str | Path, num_heads: int | None = None) -> Encode
 
 def default_layers(depth: int) -> list[int]:
     """Four evenly spaced blocks ending with the last, e.g. 12 -> [3, 6, 9, 12], 6 -> [2, 3, 5, 6]."""
-    return sorted({max(1, round(depth * k / 4)) for k in range(1, 5)})
+    return sorted({max(1, math.floor(depth * k / 4 + 0.5)) for k in range(1, 5)})  # half rounds up
 
 
 # ---------------------------------------------------------------------------------------------- features

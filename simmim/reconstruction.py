@@ -89,7 +89,6 @@ def load_masked_image_model(path: str | Path) -> LoadedCheckpoint:
     return LoadedCheckpoint(model, mean, std, run_cfg, run_dir)
 
 
-@torch.no_grad()
 def grid_indices(num_images: int, count: int, seed: int):
     """Sorted indices of `count` images drawn with `seed` from a split of `num_images`: a sample spread over
     the split (its first images are often one class: Imagenette's first 8 are all tench)."""
@@ -97,6 +96,7 @@ def grid_indices(num_images: int, count: int, seed: int):
     return torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))[:count].sort().values
 
 
+@torch.no_grad()
 def evaluate_reconstruction(
     model: DeiTForMaskedImageModeling,
     dataset: MaskedImageDataset,

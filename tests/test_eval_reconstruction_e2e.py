@@ -115,3 +115,33 @@ def test_the_grid_shows_a_seeded_sample_spread_over_the_split():
     assert chosen.max() - chosen.min() > 3925 // 2  # not the first images (Imagenette's: all one class)
     assert chosen.tolist() == grid_indices(3925, 8, seed=0).tolist() != grid_indices(3925, 8, seed=1).tolist()
     assert grid_indices(5, 8, seed=0).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_reconstruction_evaluation_builds_no_autograd_graph_and_grids_the_seeded_sample():
+    import torch
+    from accelerate import Accelerator
+
+    from simmim.data import MaskedImageDataset, eval_transform, open_source
+    from simmim.masking import MaskGenerator
+    from simmim.models import DeiTForMaskedImageModeling
+    from simmim.reconstruction import evaluate_reconstruction, grid_indices
+
+    config = DeiTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                        image_size=32, patch_size=8, encoder_stride=8)  # fmt: skip
+    source = open_source("synthetic", "validation", synthetic_image_size=32)  # 128 images
+    dataset = MaskedImageDataset(source, eval_transform(32), MaskGenerator(32, 16, 8, 0.6))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    kwargs = dict(
+        accelerator=Accelerator(cpu=True), mean=mean, std=std, batch_size=16, seed=3, num_grid_images=4
+    )
+    _, rows, grid = evaluate_reconstruction(DeiTForMaskedImageModeling(config), dataset, **kwargs)
+    assert not grid.requires_grad and len(rows) == 128
+    # The grid's first column is the originals of the seeded sample, in split order.
+    chosen = grid_indices(128, 4, seed=3).tolist()
+    column = torch.stack([dataset[i]["pixel_values"] for i in chosen])
+    originals = (column * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)).clamp(
+        0, 1
+    )
+    for row, image in enumerate(originals):  # make_grid's layout: 2 px padding around 32 px cells
+        top = 2 + row * 34
+        torch.testing.assert_close(grid[:, top : top + 32, 2:34], image, atol=1e-5, rtol=0)

@@ -104,6 +104,7 @@ def test_subset_source_reads_the_chosen_samples_and_their_labels():
 
 def test_default_layers_are_evenly_spaced_and_end_with_the_last():
     assert default_layers(12) == [3, 6, 9, 12]
+    assert default_layers(6) == [2, 3, 5, 6]
     assert default_layers(2) == [1, 2]
 
 
