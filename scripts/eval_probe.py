@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
 
     def features(model, name: str, source, split: str):
         key = {
-            "model": name, "data": args.data, "split": split, "holdout": args.holdout, "seed": args.seed,
+            "model": name, "data": str(Path(args.data).resolve()) if Path(args.data).exists() else args.data,
+            "split": split, "holdout": args.holdout, "seed": args.seed, "mean": encoder.mean, "std": encoder.std,
             "count": len(source), "layers": sorted(layers), "pool": args.pool, "image_size": image_size,
             "bf16": args.bf16,
         }  # fmt: skip
@@ -129,7 +130,9 @@ def run(args: argparse.Namespace) -> int:
     stamp = max(
         f.stat().st_mtime_ns for f in ([checkpoint] if checkpoint.is_file() else checkpoint.iterdir())
     )
-    models = {"encoder": (encoder.model, f"{checkpoint.resolve()}@{stamp}")}
+    models = {
+        "encoder": (encoder.model, f"{checkpoint.resolve()}@{stamp}:heads={config.num_attention_heads}")
+    }
     if not args.no_random_init:
         torch.manual_seed(args.seed)
         models["random_init"] = (

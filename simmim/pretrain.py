@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -195,14 +196,12 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
 def online_probe(cfg: PretrainConfig) -> OnlineProbe:
     """The kNN probe of `train.probe_every_steps`: seeded subsets of a labelled dataset's two splits."""
     p, d = cfg.probe, cfg.data
-    path = p.data or d.path
-    split_kw = dict(val_fraction=d.val_fraction, seed=cfg.seed, synthetic_size=d.synthetic_size,
-                    synthetic_image_size=max(cfg.model.image_size, 32))  # fmt: skip
-    bank = open_source(path, d.train_split, **split_kw)
-    queries = open_source(path, d.val_split, **split_kw)
+    # The run's own splits (its columns, its train holdout) unless probe.data names another dataset.
+    probed = cfg if p.data is None else dataclasses.replace(cfg, data=dataclasses.replace(d, path=p.data))
+    bank, queries = open_split(probed, d.train_split), open_split(probed, d.val_split)
     if not bank.has_labels:
         raise ValueError(
-            f"probe.data={path!r} has no labels: train.probe_every_steps needs a labelled dataset"
+            f"probe.data={probed.data.path!r} has no labels: train.probe_every_steps needs a labelled dataset"
         )
     transform = eval_transform(cfg.model.image_size, mean=d.mean, std=d.std)
 

@@ -47,6 +47,9 @@ class Encoder:
 def config_from_timm(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> DeiTConfig:
     """The DeiTConfig of a bare timm ViT/DeiT state dict, from its tensor shapes. The shapes do not give
     the number of heads: default width / 64, as in every DeiT and ViT size up to ViT-L."""
+    missing = [k for k in ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight") if k not in sd]
+    if missing:
+        raise ValueError(f"not a timm ViT/DeiT state dict: it lacks {missing}")
     proj = sd["patch_embed.proj.weight"]  # (D, C, p, p)
     width, channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
@@ -81,7 +84,7 @@ def load_encoder(checkpoint: str | Path, num_heads: int | None = None) -> Encode
             )
     mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
     if path.is_dir():
-        model = DeiTModel.from_pretrained(path)
+        model, info = DeiTModel.from_pretrained(path, output_loading_info=True)
         if (path / "preprocessor_config.json").is_file():
             processor = DeiTImageProcessor.from_pretrained(path)
             mean, std = list(processor.image_mean), list(processor.image_std)
@@ -89,13 +92,25 @@ def load_encoder(checkpoint: str | Path, num_heads: int | None = None) -> Encode
         sd = read_state_dict(path)
         if "patch_embed.proj.weight" not in sd:
             if (path.parent / "config.json").is_file():
-                model = DeiTModel.from_pretrained(path)
+                model, info = DeiTModel.from_pretrained(path, output_loading_info=True)
             else:
                 raise ValueError(
                     f"--checkpoint {str(path)!r} is not a timm ViT/DeiT state dict and has no config.json beside it"
                 )
         else:  # a bare timm file: the architecture from its shapes
-            model = DeiTModel.from_pretrained(path, config=config_from_timm(sd, num_heads))
+            model, info = DeiTModel.from_pretrained(
+                path, config=config_from_timm(sd, num_heads), output_loading_info=True
+            )
+    # Only the pooler (unused by the probes) and a distillation token made from the class token may be new.
+    lacking = [
+        k
+        for k in info["missing_keys"]
+        if not k.startswith("pooler.") and k != "embeddings.distillation_token"
+    ]
+    if lacking:
+        raise ValueError(
+            f"--checkpoint {str(path)!r} lacks encoder weights {lacking[:4]}: not a DeiT/ViT encoder"
+        )
     return Encoder(model.eval(), mean, std, str(path))
 
 

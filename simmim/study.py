@@ -200,8 +200,14 @@ def load_spec(path: str | Path, output_dir: str | None = None) -> StudySpec:
     if len(set(names)) != len(names) or RESERVED & set(names):
         raise ValueError(f"{path}: arm names {names} must be unique and not one of {sorted(RESERVED)}")
     for a in arms:
-        if a.settings_from is not None and a.settings_from not in names:
-            raise ValueError(f"{path}: arm {a.name}: settings_from={a.settings_from!r} is not an arm")
+        if a.settings_from is None:
+            continue
+        source = next((b for b in arms if b.name == a.settings_from), None)
+        if source is None or not source.tune or source.settings_from is not None:
+            raise ValueError(
+                f"{path}: arm {a.name}: settings_from={a.settings_from!r} must name a tuned arm "
+                "that runs its own sweep"
+            )
 
     fractions = {}
     for key, value in (raw.get("fractions") or {}).items():
@@ -271,6 +277,12 @@ def load_spec(path: str | Path, output_dir: str | None = None) -> StudySpec:
     )
     if any(a.head == "distill" for a in arms) and not spec.teacher:
         raise ValueError(f"{path}: a distilled arm needs a 'teacher' recipe")
+    for a in arms:
+        if spec.sweep is not None and a.head == "distill" and a.tune and a.settings_from is None:
+            raise ValueError(
+                f"{path}: arm {a.name}: a distilled arm cannot run its own sweep (its teacher saw the "
+                "held-out carve); give it settings_from a cls arm, or tune: false"
+            )
     if spec.data != "synthetic" and not Path(spec.data).exists():
         raise FileNotFoundError(f"{path}: data={spec.data!r} does not exist")
     snapshots = pretrain_config(spec).train.snapshot_epochs
@@ -286,7 +298,24 @@ def load_spec(path: str | Path, output_dir: str | None = None) -> StudySpec:
                 raise ValueError(
                     f"{path}: comparison {c.arm} vs {c.baseline}: {name} has no run at {c.fraction}"
                 )
+        seeds = [spec.arm(name).seeds for name in (c.arm, c.baseline)]
+        if not set(seeds[0]) & set(seeds[1]):
+            raise ValueError(
+                f"{path}: comparison {c.arm} vs {c.baseline}: the arms run seeds {list(seeds[0])} and "
+                f"{list(seeds[1])}; a comparison needs seeds in common (it pairs runs of the same seed, "
+                "which also draws the label subset)"
+            )
         check_fair(spec, c)
+    if spec.curve is not None:
+        k = spec.curve
+        for name in (k.baseline, *k.arms):
+            a = spec.arm(name)
+            if k.fraction not in a.fractions or k.seed not in a.seeds:
+                raise ValueError(
+                    f"{path}: curve: arm {name} has no run at fraction {k.fraction} with seed {k.seed}"
+                )
+            if name != k.baseline:
+                check_fair(spec, Comparison(name, k.baseline, k.fraction, None))
     for stage in plan(spec, check=True):
         stage.check()
     return spec
@@ -866,7 +895,7 @@ def write_report(spec: StudySpec) -> Path:
                 for w in ("encoder", "random_init")
             ]
             lines.append(f"| {layer} | " + " | ".join("" if v is None else f"{v:.2f}" for v in row) + " |")
-        if "random_init" in m:
+        if "random_init" in m and "knn" in m["encoder"]:
             gains = {
                 k: m["encoder"]["knn"][k]["top1"] - m["random_init"]["knn"][k]["top1"]
                 for k in m["encoder"]["knn"]

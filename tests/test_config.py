@@ -156,11 +156,6 @@ def test_values_are_coerced_to_the_annotation():
             ["model.hidden_size=30", "model.num_attention_heads=3", "model.position_embedding_init=sincos"],
             "model.position_embedding_init",
         ),
-        (
-            FinetuneConfig,
-            ["model.init=runs/a", "model.position_embedding_init=sincos"],
-            "model.position_embedding_init",
-        ),
     ],
 )
 def test_validation_names_the_key(cls, overrides, key):

@@ -21,7 +21,15 @@ from simmim.models import (
     DeiTModel,
 )
 from simmim.models.checkpoint import to_timm_state_dict
-from simmim.probe import config_from_timm, default_layers, knn_classify, knn_probe, linear_probe, load_encoder
+from simmim.probe import (
+    config_from_timm,
+    default_layers,
+    extract_features,
+    knn_classify,
+    knn_probe,
+    linear_probe,
+    load_encoder,
+)
 
 
 def brute_force_knn(bank, bank_labels, queries, num_classes, k, temperature):
@@ -153,6 +161,19 @@ def test_online_probe_logs_knn_accuracy_at_its_cadence(pretrained):
         assert 0 <= r["probe_knn_top1"] <= r["probe_knn_top5"] <= 100
         assert r["probe_seconds"] > 0
     assert (pretrained / "tb").is_dir()
+    # The last probe saw the final weights (the export): the same vote from features computed here.
+    from simmim.config import PretrainConfig, load_config
+    from simmim.pretrain import online_probe
+
+    cfg = load_config(PretrainConfig, pretrained / "config.yaml")
+    probe = online_probe(cfg)
+    encoder = DeiTModel.from_pretrained(pretrained / "export")
+    bank, bank_labels = extract_features(encoder, probe.sets["bank"], [2], batch_size=16, num_workers=0)
+    queries, labels = extract_features(encoder, probe.sets["queries"], [2], batch_size=16, num_workers=0)
+    assert len(bank_labels) == 60 and len(labels) == 30
+    want = knn_probe(bank[2], bank_labels, queries[2], labels, num_classes=10)
+    assert probes[-1]["probe_knn_top1"] == pytest.approx(want["top1"])
+    assert probes[-1]["probe_knn_top5"] == pytest.approx(want["top5"])
 
 
 def test_a_resumed_run_with_the_online_probe_ends_with_the_same_weights(pretrained, tmp_path):
@@ -191,6 +212,21 @@ def test_eval_probe_writes_metrics_for_the_encoder_and_random_init(pretrained, t
                 r = m[which][probe][layer]
                 assert 0 <= r["top1"] <= r["top5"] <= 100
     assert (out / "probe.png").read_bytes()[:4] == b"\x89PNG"
+    # The encoder's kNN numbers from features computed here on the same seeded subsets.
+    from simmim.data import LabeledImageDataset, eval_transform
+    from simmim.data.sources import random_subset
+
+    encoder = load_encoder(pretrained)
+    transform = eval_transform(32, mean=encoder.mean, std=encoder.std)
+    sets = [
+        LabeledImageDataset(random_subset(open_source("synthetic", split), n, seed), transform)
+        for split, n, seed in (("train", 120, 0), ("validation", 60, 1))
+    ]
+    (tf, tl), (vf, vl) = (extract_features(encoder.model, d, [1, 2], num_workers=0) for d in sets)
+    for layer in (1, 2):
+        assert m["encoder"]["knn"][str(layer)]["top1"] == pytest.approx(
+            knn_probe(tf[layer], tl, vf[layer], vl, 10)["top1"]
+        )
     cached = sorted((out / "features").iterdir())
     assert len(cached) == 4  # (encoder, random init) x (train, validation)
     again = run("eval_probe.py", args)  # from the cache: the same numbers

@@ -63,7 +63,7 @@ ARMS = [
     {"name": "simmim_cls", "head": "cls", "init": "simmim", "seeds": [0, 1], "fractions": [0.5, 1.0]},
     {"name": "simmim_e1_cls", "head": "cls", "init": "simmim", "pretrain_epoch": 1, "seeds": [0],
      "fractions": [0.5], "settings_from": "simmim_cls"},
-    {"name": "simmim_distill", "head": "distill", "init": "simmim", "seeds": [3], "settings_from": "simmim_cls"},
+    {"name": "simmim_distill", "head": "distill", "init": "simmim", "seeds": [0], "settings_from": "simmim_cls"},
 ]  # fmt: skip
 SWEEP = {"fraction": 0.5, "holdout": 0.25, "seed": 0,
          "candidates": [["optim.layer_decay=0.75"], ["optim.layer_decay=1.0"]]}  # fmt: skip
@@ -116,7 +116,7 @@ def test_every_stage_runs_once_in_order(study):
         "pretrain", "reconstruction", "probe", "probe_e1", "teacher", "teacher_final",
         "scratch_cls_sweep0", "scratch_cls_sweep1", "simmim_cls_sweep0", "simmim_cls_sweep1",
         "scratch_cls_p50_s0", "scratch_cls_p100_s0", "simmim_cls_p50_s0", "simmim_cls_p100_s0",
-        "simmim_e1_cls_p50_s0", "simmim_distill_p100_s3",
+        "simmim_e1_cls_p50_s0", "simmim_distill_p100_s0",
         "scratch_cls_p50_s1", "scratch_cls_p100_s1", "simmim_cls_p50_s1", "simmim_cls_p100_s1",
     ]  # fmt: skip
     for name in names:
@@ -126,9 +126,9 @@ def test_every_stage_runs_once_in_order(study):
         assert record["done"] and record["seconds"] > 0
     # The teacher the students saw is the teacher run's last checkpoint, not its best-on-validation export.
     assert (out / "teacher" / "final" / "cnn_config.json").is_file()
-    distill = yaml.safe_load((out / "simmim_distill_p100_s3" / "config.yaml").read_text())
+    distill = yaml.safe_load((out / "simmim_distill_p100_s0" / "config.yaml").read_text())
     assert distill["teacher"]["path"] == str(out / "teacher" / "final")
-    assert distill["model"]["init"] == str(out / "pretrain") and distill["seed"] == 3
+    assert distill["model"]["init"] == str(out / "pretrain") and distill["seed"] == 0
     snapshot = yaml.safe_load((out / "simmim_e1_cls_p50_s0" / "config.yaml").read_text())
     assert snapshot["model"]["init"] == str(out / "pretrain" / "snapshots" / "epoch_1")
     half = yaml.safe_load((out / "scratch_cls_p50_s1" / "config.yaml").read_text())
@@ -158,7 +158,7 @@ def test_the_sweep_is_judged_on_a_train_carve_and_its_choice_is_used(study):
                 yaml.safe_load((out / run_dir / "config.yaml").read_text())["optim"]["layer_decay"] == decay
             )
     simmim = r["sweep"]["arms"]["simmim_cls"]["chosen"]
-    for follower in ("simmim_e1_cls_p50_s0", "simmim_distill_p100_s3"):  # settings_from: simmim_cls
+    for follower in ("simmim_e1_cls_p50_s0", "simmim_distill_p100_s0"):  # settings_from: simmim_cls
         decay = yaml.safe_load((out / follower / "config.yaml").read_text())["optim"]["layer_decay"]
         assert decay == float(simmim[0].split("=")[1])
 
@@ -296,6 +296,13 @@ def test_only_runs_the_named_stage_and_a_partial_report_says_so(tmp_path):
             "has no run at 0.1",
         ),
         ({"teacher": None}, "a distilled arm needs a 'teacher' recipe"),
+        (
+            {"arms": [*ARMS[:2], {**ARMS[2], "settings_from": "simmim_e1_cls"}, ARMS[3]]},
+            "must name a tuned arm",
+        ),
+        ({"arms": [*ARMS[:3], {**ARMS[3], "settings_from": None}]}, "cannot run its own sweep"),
+        ({"arms": [{**ARMS[0], "seeds": [0, 2]}, *ARMS[1:]]}, "a comparison needs the same seeds"),
+        ({"curve": {"baseline": "scratch_cls", "arms": ["simmim_e1_cls"], "fraction": 1.0}}, "curve: arm"),
         ({"arms": [{**ARMS[0], "seeds": []}, *ARMS[1:]]}, "seeds=[]"),
         ({"arms": [{**ARMS[0], "seeds": [1, 1]}, *ARMS[1:]]}, "repeats a seed"),
         ({"arms": [ARMS[0], *ARMS]}, "must be unique"),

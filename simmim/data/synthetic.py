@@ -101,9 +101,10 @@ def render_synthetic_image(
     bottom = corners[2] * (1 - u[..., None]) + corners[3] * u[..., None]
     background = top * (1 - v[..., None]) + bottom * v[..., None]
     # Foreground: a colour far enough from the background's mean to be visible, with its own gentle shading.
+    # The background's mean is mid-grey (complementary corners), so the object's colour is drawn away from it.
     foreground = rng.uniform(0, 1, size=3).astype(np.float32)
-    if np.abs(foreground - background.mean((0, 1))).sum() < 0.6:
-        foreground = 1.0 - foreground
+    while np.abs(foreground - background.mean((0, 1))).sum() < 0.6:
+        foreground = rng.uniform(0, 1, size=3).astype(np.float32)
     shade = 1.0 + 0.25 * (u[..., None] - 0.5) * rng.choice([-1.0, 1.0])  # (S, S, 1) left-right lighting
     coverage = _object_mask(label, u, v, rng)[..., None]  # (S, S, 1)
     image = background * (1.0 - coverage) + np.clip(foreground * shade, 0, 1) * coverage
