@@ -80,7 +80,7 @@ def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
 def test_smoke_recipe_end_to_end(tmp_path):
     """The README's main job (recipes/smoke/pretrain_synthetic.yaml) for a quarter of its 512 steps: it
     trains, exports for Transformers, and its held-out reconstruction already beats filling each masked
-    pixel with the image's mean visible colour (the full job reaches 0.68x, see the README)."""
+    pixel with the image's mean visible colour (the full job reaches 0.72x, see the README)."""
     out = tmp_path / "smoke"
     result = run_script(
         [
