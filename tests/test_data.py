@@ -643,3 +643,26 @@ def test_collate_keys_and_skipped_count():
     )
     empty = collate_classification([None])
     assert empty["labels"].shape == (0,) and empty["num_skipped"] == 1
+
+
+def test_holdout_from_train_carves_both_splits_from_train_without_overlap(tmp_path):
+    from simmim.config import FinetuneConfig, load_config
+    from simmim.pretrain import open_split
+
+    for c in range(2):  # train/ and val/ class folders: the carve must ignore val/
+        for split, count in (("train", 10), ("val", 3)):
+            folder = tmp_path / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (8, 8), (40 * i, c * 100, 0)).save(folder / f"{i}.png")
+    args = ["output_dir=x", f"data.path={tmp_path}", "data.holdout_from_train=true", "data.val_fraction=0.25"]
+    cfg = load_config(FinetuneConfig, overrides=args)
+    train, held_out = open_split(cfg, "train"), open_split(cfg, "validation")
+    names = [
+        {train.load(i)[2] for i in range(len(train))},
+        {held_out.load(i)[2] for i in range(len(held_out))},
+    ]
+    assert len(names[0]) == 15 and len(names[1]) == 5 and not names[0] & names[1]
+    assert all("/train/" in n for n in names[0] | names[1])  # the validation folder is never read
+    other = load_config(FinetuneConfig, overrides=[*args, "data.holdout_seed=1"])
+    assert {open_split(other, "validation").load(i)[2] for i in range(5)} != names[1]
