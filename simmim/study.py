@@ -470,7 +470,8 @@ def _student_overrides(spec: StudySpec, arm: Arm, fraction: float, seed: int) ->
 
 def plan(spec: StudySpec, check: bool = False) -> list[Stage]:
     """The study's runs in order: pretraining, its evaluations, the teacher, the sweeps, then the arms
-    seed by seed (every arm's first seed before any second seed, so an early look covers every arm).
+    seed by seed (every arm's first seed before any second seed, so an early look covers every arm), in
+    each round the smallest label fraction first.
 
     A run whose settings wait for a sweep is `pending` and shows the first candidate; with `check`, the
     stages for every candidate are returned, so that load_spec validates them all."""
@@ -563,7 +564,9 @@ def plan(spec: StudySpec, check: bool = False) -> list[Stage]:
                         )
                     )
     runs = [(arm, f, seed) for arm in spec.arms for f in arm.fractions for seed in arm.seeds]
-    order = sorted(range(len(runs)), key=lambda i: (runs[i][0].seeds.index(runs[i][2]), i))
+    # Round by round (every arm's first seed before any second), the smallest label fraction first and the
+    # arms of one fraction together: a study stopped early leaves whole comparisons, the cheapest ones.
+    order = sorted(range(len(runs)), key=lambda i: (runs[i][0].seeds.index(runs[i][2]), runs[i][1], i))
     for i in order:
         arm, fraction, seed = runs[i]
         chosen = chosen_candidate(spec, arm)

@@ -115,9 +115,9 @@ def test_every_stage_runs_once_in_order(study):
     assert names == [
         "pretrain", "reconstruction", "probe", "probe_e1", "teacher", "teacher_final",
         "scratch_cls_sweep0", "scratch_cls_sweep1", "simmim_cls_sweep0", "simmim_cls_sweep1",
-        "scratch_cls_p50_s0", "scratch_cls_p100_s0", "simmim_cls_p50_s0", "simmim_cls_p100_s0",
-        "simmim_e1_cls_p50_s0", "simmim_distill_p100_s0",
-        "scratch_cls_p50_s1", "scratch_cls_p100_s1", "simmim_cls_p50_s1", "simmim_cls_p100_s1",
+        "scratch_cls_p50_s0", "simmim_cls_p50_s0", "simmim_e1_cls_p50_s0",
+        "scratch_cls_p100_s0", "simmim_cls_p100_s0", "simmim_distill_p100_s0",
+        "scratch_cls_p50_s1", "simmim_cls_p50_s1", "scratch_cls_p100_s1", "simmim_cls_p100_s1",
     ]  # fmt: skip
     for name in names:
         record = json.loads(
