@@ -256,7 +256,7 @@ def test_an_unfair_comparison_is_refused_unless_the_spec_allows_it(tmp_path):
         load_spec(write_spec(tmp_path, arms=[{**ARMS[0], "tune": False}, *ARMS[1:]]))
     comparisons = [{"arm": "simmim_cls", "baseline": "scratch_cls", "fraction": 0.5, "expected": 5.0,
                     "allow": ["optim.layer_decay"]}]  # fmt: skip
-    allowed = load_spec(write_spec(tmp_path, arms=arms, comparisons=comparisons))
+    allowed = load_spec(write_spec(tmp_path, arms=arms, comparisons=comparisons, curve=None))
     (line,) = describe_comparisons(allowed)
     assert "optim.layer_decay: (recipe) vs 1.0" in line and "(allowed: optim.layer_decay)" in line
     result = run("study.py", [str(write_spec(tmp_path, arms=arms)), "--dry-run"])
