@@ -301,7 +301,7 @@ def test_only_runs_the_named_stage_and_a_partial_report_says_so(tmp_path):
             "must name a tuned arm",
         ),
         ({"arms": [*ARMS[:3], {**ARMS[3], "settings_from": None}]}, "cannot run its own sweep"),
-        ({"arms": [{**ARMS[0], "seeds": [0, 2]}, *ARMS[1:]]}, "a comparison needs the same seeds"),
+        ({"arms": [{**ARMS[0], "seeds": [5, 6]}, *ARMS[1:]]}, "a comparison needs seeds in common"),
         ({"curve": {"baseline": "scratch_cls", "arms": ["simmim_e1_cls"], "fraction": 1.0}}, "curve: arm"),
         ({"arms": [{**ARMS[0], "seeds": []}, *ARMS[1:]]}, "seeds=[]"),
         ({"arms": [{**ARMS[0], "seeds": [1, 1]}, *ARMS[1:]]}, "repeats a seed"),
