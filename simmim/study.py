@@ -862,10 +862,11 @@ def write_report(spec: StudySpec) -> Path:
         verdict = "no goal set" if c["met"] is None else "met" if c["met"] else "not met"
         goal = "no goal" if c["expected"] is None else f"expected ≥ {c['expected']:+.1f}"
         paired = ", ".join(f"{g:+.2f}" for g in c["paired_gaps"])
+        # With one seed on either side there is no spread to compare the gap with: say so, not "std 0.00".
+        spread = "one seed, no spread" if min(c["seeds"]) < 2 else f"largest seed std {c['spread']:.2f}"
         lines.append(
             f"- {r['arms'][c['arm']]['label']} − {r['arms'][c['baseline']]['label']} at {percent(c['fraction'])}% "
-            f"labels: **{c['gap']:+.2f}** points ({goal}, largest seed std "
-            f"{c['spread']:.2f}; per seed {paired or 'none'}): {verdict}. Settings: {setting.split(' differ in: ', 1)[1]}"
+            f"labels: **{c['gap']:+.2f}** points ({goal}, {spread}; per seed {paired or 'none'}): {verdict}. Settings: {setting.split(' differ in: ', 1)[1]}"
         )
     if "sweep" in r:
         s = r["sweep"]
