@@ -14,15 +14,15 @@ seconds.
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from simmim.cli import run_main
 from simmim.data import LabeledImageDataset, eval_transform, open_source
-from simmim.data.sources import SubsetSource, carve_split, random_subset
+from simmim.data.sources import holdout_split, random_subset
 from simmim.models import DeiTModel
 from simmim.probe import (
     POOLS,
@@ -71,13 +71,7 @@ def main() -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} {value}: expected a positive integer")
-    try:
-        return run(args)
-    except (FileNotFoundError, ValueError) as e:
-        if os.environ.get("SIMMIM_DEBUG") == "1":
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run(args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.holdout is not None:
         full = open_source(args.data, "train", val_fraction=0.0)
-        train_source = SubsetSource(full, carve_split(len(full), "train", args.holdout, args.seed))
-        val_source = SubsetSource(full, carve_split(len(full), "validation", args.holdout, args.seed))
+        train_source = holdout_split(full, "train", args.holdout, args.seed)
+        val_source = holdout_split(full, "validation", args.holdout, args.seed)
     else:
         train_source = open_source(args.data, "train", seed=args.seed)
         val_source = open_source(args.data, "validation", seed=args.seed)
@@ -165,4 +159,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -13,10 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from simmim.cli import run_main
 from simmim.data import MaskedImageDataset, eval_transform, open_source
 from simmim.engine import make_accelerator
 from simmim.reconstruction import (
-    NotMaskedImageModelError,
     evaluate_reconstruction,
     load_masked_image_model,
     mask_generator_for,
@@ -47,11 +47,7 @@ def main() -> int:
     if args.num_images < 0 or args.batch_size < 1:
         parser.error("--num-images must be >= 0 and --batch-size >= 1")
 
-    try:
-        ckpt = load_masked_image_model(args.checkpoint)
-    except NotMaskedImageModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    ckpt = load_masked_image_model(args.checkpoint)  # NotMaskedImageModelError is a ValueError: exit 2
     run = ckpt.run_cfg
     config = ckpt.model.config
     image_size = args.image_size or config.image_hw[0]
@@ -116,4 +112,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

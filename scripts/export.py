@@ -7,8 +7,10 @@ model.safetensors and preprocessor_config.json (a CNN run: cnn_config.json inste
 """
 
 import argparse
+import sys
 
-from simmim.finetune import export_run
+from simmim.cli import run_main
+from simmim.runs import export_run
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
@@ -18,4 +20,4 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True, help="directory to write")
     parser.add_argument("--checkpoint", help="a checkpoint directory of the run (default: the newest)")
     args = parser.parse_args()
-    print(export_run(args.run_dir, args.out, args.checkpoint))
+    sys.exit(run_main(lambda: print(export_run(args.run_dir, args.out, args.checkpoint))))

@@ -10,8 +10,14 @@ Settings: dataclass defaults (`simmim/config.py`), then the recipe, then `key.su
 
 import sys
 
+from simmim.cli import run_main
 from simmim.config import FinetuneConfig, parse_cli
 from simmim.finetune import run
 
-if __name__ == "__main__":
+
+def main() -> None:
     run(parse_cli(FinetuneConfig, sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

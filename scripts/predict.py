@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from simmim.cli import run_main
 from simmim.data import decode_image
 from simmim.data.decoding import IMAGE_EXTENSIONS
 from simmim.finetune import load_classifier, logits_of
@@ -59,4 +60,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

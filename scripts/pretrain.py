@@ -9,8 +9,14 @@ Settings: dataclass defaults (`simmim/config.py`), then the recipe, then `key.su
 
 import sys
 
+from simmim.cli import run_main
 from simmim.config import PretrainConfig, parse_cli
 from simmim.pretrain import run
 
-if __name__ == "__main__":
+
+def main() -> None:
     run(parse_cli(PretrainConfig, sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,7 +1,9 @@
 """Typed run configs: dataclass defaults, then a recipe YAML that lists only what differs, then
 ``key.sub=value`` overrides from the command line (big_vision / torchtune style).
 
-Unknown keys, wrong types and impossible values fail with a ValueError naming the key before anything runs.
+The configs are pydantic dataclasses: each field carries its type, range and help text, and pydantic checks
+them, so unknown keys, wrong types and impossible values fail with a one-line ValueError naming the dotted key
+before anything runs. Rules that tie fields together sit in ``__post_init__`` beside the class they concern.
 Configs are frozen: derived values (scaled lr, global batch, steps per epoch) are computed beside them.
 """
 
@@ -9,18 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import json
 import re
 import sys
 import types
 import typing
-from collections.abc import Callable, Sequence
-from dataclasses import MISSING, dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+from pydantic.fields import FieldInfo
+
+from simmim.models import DeiTConfig
 
 T = TypeVar("T")
 
@@ -30,177 +35,313 @@ VARIANTS: dict[str, dict[str, int]] = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
 }
 
+# PyYAML follows YAML 1.1, which reads "1e-4" (no dot) as a string; float fields accept such numbers.
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
-@dataclass(frozen=True)
+
+def _float_from_text(value: Any) -> Any:
+    return float(value) if isinstance(value, str) and _FLOAT_RE.fullmatch(value) else value
+
+
+# A field takes only values of its own kind (pydantic's strict mode): no 1 for true, no 3.5 or "3" for 3, no
+# number for a string. Two exceptions: an int is a fine float (strict mode allows it), and so is a number
+# written as text, for the YAML 1.1 reason above. Tuples stay lax, so that YAML's lists fill them.
+# (Field(strict=True) rather than Strict(): pydantic 2.6 cannot put Strict() after a BeforeValidator.)
+Bool = Annotated[bool, Field(strict=True)]
+Int = Annotated[int, Field(strict=True)]
+Float = Annotated[float, Field(strict=True), BeforeValidator(_float_from_text)]
+Str = Annotated[str, Field(strict=True)]
+
+# Unknown keys are errors, not ignored (pydantic's default for dataclasses).
+_STRICT_KEYS = ConfigDict(extra="forbid")
+
+
+def _check(ok: bool, key: str, value: Any, must: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={value!r}: must {must}")
+
+
+# A tuple field's range sits in its element type (pydantic checks the elements one by one).
+Scale = Annotated[Float, Field(gt=0)]  # a channel's std
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
 class DataConfig:
     """Where images come from and how they are batched."""
 
-    path: str = "synthetic"  # image folder, HF dataset name or saved dataset, or "synthetic"
-    train_split: str = "train"
-    val_split: str = "validation"
-    val_fraction: float = 0.05  # carved from train when the source has no validation split
-    image_column: str | None = None  # None = detect
-    label_column: str | None = None
-    streaming: bool = False
-    batch_size: int = 64  # per device
-    num_workers: int = 4
-    pin_memory: bool = True
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet statistics
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    max_bad_fraction: float = 0.01  # stop when more than this fraction of samples failed to decode
-    synthetic_size: int = 1024
-    # fine-tuning: train on a class-balanced subset, this fraction of each class's labelled images, drawn by
-    # `seed` (1.0 = all); evaluation keeps the whole validation split
-    label_fraction: float = 1.0
-    # evaluate on val_fraction of the train split (carved with data.holdout_seed, left out of training) even
-    # when the source has a validation split: for choosing settings without ever reading that split
-    holdout_from_train: bool = False
-    holdout_seed: int = 0
+    path: Str = Field(
+        "synthetic", description='image folder, HF dataset name or saved dataset, or "synthetic"'
+    )
+    train_split: Str = "train"
+    val_split: Str = "validation"
+    val_fraction: Float = Field(
+        0.05, ge=0, lt=1, description="carved from train when the source has no validation split"
+    )
+    image_column: Str | None = Field(None, description="None = detect")
+    label_column: Str | None = None
+    streaming: Bool = False
+    batch_size: Int = Field(64, gt=0, description="per device")
+    num_workers: Int = Field(4, ge=0)
+    pin_memory: Bool = True
+    mean: tuple[Float, Float, Float] = Field((0.485, 0.456, 0.406), description="ImageNet statistics")
+    std: tuple[Scale, Scale, Scale] = (0.229, 0.224, 0.225)
+    max_bad_fraction: Float = Field(
+        0.01, ge=0, lt=1, description="stop when more than this fraction of samples failed to decode"
+    )
+    synthetic_size: Int = Field(1024, gt=0)
+    label_fraction: Float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="fine-tuning: train on a class-balanced subset, this fraction of each class's labelled "
+        "images, drawn by `seed` (1.0 = all); evaluation keeps the whole validation split",
+    )
+    holdout_from_train: Bool = Field(
+        False,
+        description="evaluate on data.val_fraction of the train split (carved with data.holdout_seed, left "
+        "out of training) even when the source has a validation split: for choosing settings without ever "
+        "reading that split",
+    )
+    holdout_seed: Int = 0
+
+    def __post_init__(self) -> None:
+        v = self.val_fraction
+        _check(not self.holdout_from_train or 0 < v < 1, "val_fraction", v,
+               "be in (0, 1) with holdout_from_train=true (the share of train held out)")  # fmt: skip
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT_KEYS)
 class ModelConfig:
     """DeiT size and head; architecture fields left at None take the variant's (or DeiTConfig's) value."""
 
     variant: Literal["tiny", "small", "base"] = "tiny"
-    hidden_size: int | None = None
-    num_hidden_layers: int | None = None
-    num_attention_heads: int | None = None
-    intermediate_size: int | None = None
-    hidden_act: str | None = None
-    hidden_dropout_prob: float | None = None
-    attention_probs_dropout_prob: float | None = None
-    initializer_range: float | None = None
-    # timm's DeiT uses 1e-6, Transformers' DeiTConfig 1e-12; the variants keep DeiTConfig's unless set here.
-    layer_norm_eps: float | None = None
-    image_size: int = 224
-    patch_size: int = 16
-    num_channels: int = 3
-    qkv_bias: bool = True
-    encoder_stride: int | None = None  # None = patch_size
-    pooler_output_size: int | None = None
-    pooler_act: str = "tanh"
-    drop_path_rate: float = 0.0
-    init: str = "scratch"  # finetune only: SimMIM export/run dir, Transformers dir, timm file, or "scratch"
-    # a model built from scratch: position embeddings random (Transformers' and timm's init) or MAE's 2-D
-    # sine-cosine table (trainable), which lets short runs use where patches are; a checkpoint's own are
-    # used when model.init loads one (so a study can share the setting between scratch and SimMIM arms)
-    position_embedding_init: Literal["random", "sincos"] = "random"
+    hidden_size: Int | None = Field(None, gt=0)
+    num_hidden_layers: Int | None = Field(None, gt=0)
+    num_attention_heads: Int | None = Field(None, gt=0)
+    intermediate_size: Int | None = Field(None, gt=0)
+    hidden_act: Str | None = None
+    hidden_dropout_prob: Float | None = Field(None, ge=0, lt=1)
+    attention_probs_dropout_prob: Float | None = Field(None, ge=0, lt=1)
+    initializer_range: Float | None = None
+    layer_norm_eps: Float | None = Field(
+        None,
+        description="timm's DeiT uses 1e-6, Transformers' DeiTConfig 1e-12; the variants keep DeiTConfig's "
+        "unless set here",
+    )
+    image_size: Int = Field(224, gt=0)
+    patch_size: Int = Field(16, gt=0)
+    num_channels: Int = Field(3, gt=0)
+    qkv_bias: Bool = True
+    encoder_stride: Int | None = Field(None, gt=0, description="None = patch_size")
+    pooler_output_size: Int | None = Field(None, gt=0)
+    pooler_act: Str = "tanh"
+    drop_path_rate: Float = Field(0.0, ge=0, lt=1)
+    init: Str = Field(
+        "scratch",
+        description='finetune only: SimMIM export/run dir, Transformers dir, timm file, or "scratch"',
+    )
+    position_embedding_init: Literal["random", "sincos"] = Field(
+        "random",
+        description="a model built from scratch: position embeddings random (Transformers' and timm's init) "
+        "or MAE's 2-D sine-cosine table (trainable), which lets short runs use where patches are; a "
+        "checkpoint's own are used when model.init loads one (so a study can share the setting between "
+        "scratch and SimMIM arms)",
+    )
     head: Literal["mim", "cls", "distill", "cnn"] = "mim"
-    arch: str | None = None  # head == "cnn": a torchvision classification model name, e.g. "resnet18"
+    arch: Str | None = Field(
+        None, description='head == "cnn": a torchvision classification model name, e.g. "resnet18"'
+    )
+
+    def __post_init__(self) -> None:
+        arch = deit_config_kwargs(self)
+        heads, width = arch["num_attention_heads"], arch["hidden_size"]
+        _check(width % heads == 0, "num_attention_heads", heads, f"divide hidden_size={width}")
+        pe = self.position_embedding_init
+        _check(pe != "sincos" or width % 4 == 0, "position_embedding_init", pe,
+               f"be 'random' for hidden_size={width}: a 2-D sine-cosine table needs a multiple of 4")  # fmt: skip
+        size, p = self.image_size, self.patch_size
+        _check(size % p == 0, "patch_size", p, f"divide image_size={size}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT_KEYS)
 class MaskConfig:
     """SimMIM's block-wise random mask: square blocks of mask patch_size pixels, ratio of them masked."""
 
-    patch_size: int = 32
-    ratio: float = 0.6
+    patch_size: Int = Field(32, gt=0)
+    ratio: Float = Field(0.6, gt=0, lt=1)
 
 
-@dataclass(frozen=True)
+Beta = Annotated[Float, Field(ge=0, lt=1)]  # an AdamW beta, as a tuple element
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
 class OptimConfig:
     """AdamW with linear warmup from 0 and cosine decay; base_lr and min_lr are for a global batch of 512."""
 
-    base_lr: float = 1e-4
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_epochs: float = 10.0
-    clip_grad: float | None = 5.0  # max global grad norm; None = no clipping
-    layer_decay: float = 1.0  # BEiT-style layer-wise lr decay; 1.0 = off
-    grad_accum_steps: int = 1
+    base_lr: Float = Field(1e-4, gt=0)
+    min_lr: Float = Field(1e-6, ge=0)
+    weight_decay: Float = Field(0.05, ge=0)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    eps: Float = Field(1e-8, gt=0)
+    warmup_epochs: Float = Field(10.0, ge=0)
+    clip_grad: Float | None = Field(5.0, gt=0, description="max global grad norm; None = no clipping")
+    layer_decay: Float = Field(1.0, gt=0, le=1, description="BEiT-style layer-wise lr decay; 1.0 = off")
+    grad_accum_steps: Int = Field(1, gt=0)
+
+    def __post_init__(self) -> None:
+        _check(self.min_lr <= self.base_lr, "min_lr", self.min_lr, f"be <= base_lr={self.base_lr}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT_KEYS)
 class TrainConfig:
     """Duration, checkpointing, logging and evaluation cadence (in optimizer steps)."""
 
-    epochs: int = 100
-    max_steps: int | None = None  # stop early after this many optimizer steps (the schedule keeps epochs)
-    save_every_steps: int = 1000
-    keep_last: int = 2
-    log_every_steps: int = 50
-    eval_every_steps: int = 1000  # pretraining's cadence
-    eval_every_epochs: int = 1  # fine-tuning's cadence (and always after the last step)
-    compile: bool = False
-    ema: float | None = None  # EMA decay of the weights; None = no EMA
-    eval_batches: int | None = 8  # held-out batches per periodic evaluation; None = all
-    # autocast dtype of the forward pass; "launcher" = accelerate launch's --mixed_precision (fp32 without)
-    precision: Literal["launcher", "fp32", "bf16", "fp16"] = "launcher"
-    # pretraining: also export the model after these epochs to output_dir/snapshots/epoch_<N> (kept)
-    snapshot_epochs: tuple[int, ...] = ()
-    # pretraining: a kNN probe of the encoder every this many steps (and at the end), see ProbeConfig
-    probe_every_steps: int | None = None
+    epochs: Int = Field(100, gt=0)
+    max_steps: Int | None = Field(
+        None, gt=0, description="stop early after this many optimizer steps (the schedule keeps epochs)"
+    )
+    save_every_steps: Int = Field(1000, gt=0)
+    keep_last: Int = Field(2, gt=0)
+    log_every_steps: Int = Field(50, gt=0)
+    eval_every_steps: Int = Field(1000, gt=0, description="pretraining's cadence")
+    eval_every_epochs: Int = Field(
+        1, gt=0, description="fine-tuning's cadence (and always after the last step)"
+    )
+    compile: Bool = False
+    ema: Float | None = Field(None, gt=0, lt=1, description="EMA decay of the weights; None = no EMA")
+    eval_batches: Int | None = Field(
+        8, gt=0, description="held-out batches per periodic evaluation; None = all"
+    )
+    precision: Literal["launcher", "fp32", "bf16", "fp16"] = Field(
+        "launcher",
+        description='autocast dtype of the forward pass; "launcher" = accelerate launch\'s --mixed_precision '
+        "(fp32 without)",
+    )
+    snapshot_epochs: tuple[Annotated[Int, Field(gt=0)], ...] = Field(
+        (),
+        description="pretraining: also export the model after these epochs to "
+        "output_dir/snapshots/epoch_<N> (kept)",
+    )
+    probe_every_steps: Int | None = Field(
+        None,
+        gt=0,
+        description="pretraining: a kNN probe of the encoder every this many steps (and at the end), see "
+        "probe.*",
+    )
+
+    def __post_init__(self) -> None:
+        _check(all(e <= self.epochs for e in self.snapshot_epochs), "snapshot_epochs", self.snapshot_epochs,
+               f"be epochs of the run (<= epochs={self.epochs})")  # fmt: skip
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT_KEYS)
 class ProbeConfig:
     """Pretraining's online kNN probe (train.probe_every_steps): labels SimMIM never trains on."""
 
-    data: str | None = None  # a labelled dataset; None = data.path
-    bank_images: int = 2000  # labelled features to vote: a seeded subset of its train split
-    query_images: int = 1000  # images classified: a seeded subset of its validation split
-    layer: int | None = None  # the encoder block probed (1-based); None = the last
+    data: Str | None = Field(None, description="a labelled dataset; None = data.path")
+    bank_images: Int = Field(
+        2000, gt=0, description="labelled features to vote: a seeded subset of its train split"
+    )
+    query_images: Int = Field(
+        1000, gt=0, description="images classified: a seeded subset of its validation split"
+    )
+    layer: Int | None = Field(None, gt=0, description="the encoder block probed (1-based); None = the last")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT_KEYS)
 class DistillConfig:
     """DeiT distillation through the distillation token."""
 
     kind: Literal["hard", "soft"] = "hard"
-    alpha: float = 0.5  # weight of the distillation term
-    tau: float = 1.0  # soft distillation temperature
+    alpha: Float = Field(0.5, ge=0, le=1, description="weight of the distillation term")
+    tau: Float = Field(1.0, gt=0, description="soft distillation temperature")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT_KEYS)
 class TeacherConfig:
     """The frozen teacher for head == "distill"."""
 
-    arch: str | None = None  # a torchvision classification model name, or "deit"
-    path: str | None = None  # its weights
+    arch: Str | None = Field(None, description='a torchvision classification model name, or "deit"')
+    path: Str | None = Field(None, description="its weights")
 
 
-@dataclass(frozen=True)
+AreaFraction = Annotated[Float, Field(gt=0, le=1)]  # a crop's share of the image area, as a tuple element
+
+
+@dataclass(frozen=True, config=_STRICT_KEYS)
 class AugConfig:
     """DeiT fine-tuning augmentation."""
 
-    rand_augment: bool = True
-    random_erasing: float = 0.25
-    mixup: float = 0.8  # Beta(alpha, alpha); 0 = off
-    cutmix: float = 1.0
-    label_smoothing: float = 0.1
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop's area range; DeiT's default
+    rand_augment: Bool = True
+    random_erasing: Float = Field(0.25, ge=0, le=1)
+    mixup: Float = Field(0.8, ge=0, description="Beta(alpha, alpha); 0 = off")
+    cutmix: Float = Field(1.0, ge=0)
+    label_smoothing: Float = Field(0.1, ge=0, lt=1)
+    crop_scale: tuple[AreaFraction, AreaFraction] = Field(
+        (0.08, 1.0), description="RandomResizedCrop's area range; DeiT's default"
+    )
+
+    def __post_init__(self) -> None:
+        lo, hi = self.crop_scale
+        _check(lo <= hi, "crop_scale", self.crop_scale, "be (min, max) with min <= max")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT_KEYS)
 class PretrainConfig:
     """SimMIM pretraining of a DeiT encoder."""
 
-    output_dir: str
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    mask: MaskConfig = field(default_factory=MaskConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    output_dir: Str
+    seed: Int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    mask: MaskConfig = Field(default_factory=MaskConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+
+    def __post_init__(self) -> None:
+        d, m, p = self.data, self.model, self.model.patch_size
+        _check(d.label_fraction == 1.0, "data.label_fraction", d.label_fraction,
+               "be 1.0: pretraining uses no labels")  # fmt: skip
+        _check(m.head == "mim", "model.head", m.head, 'be "mim" for pretraining')
+        _check(m.init == "scratch", "model.init", m.init, 'be "scratch": pretraining starts from scratch')
+        # SimMIM's mask generator works on a grid of mask patches, each a whole number of model patches.
+        mp = self.mask.patch_size
+        _check(mp % p == 0, "mask.patch_size", mp, f"be a multiple of model.patch_size={p}")
+        _check(m.image_size % mp == 0, "mask.patch_size", mp, f"divide model.image_size={m.image_size}")
+        depth, layer = deit_config_kwargs(m)["num_hidden_layers"], self.probe.layer
+        _check(
+            layer is None or layer <= depth, "probe.layer", layer, f"be a block of the encoder (1..{depth})"
+        )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT_KEYS)
 class FinetuneConfig:
     """DeiT fine-tuning with a classification or distillation head (or a torchvision CNN baseline)."""
 
-    output_dir: str
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(head="cls"))
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    aug: AugConfig = field(default_factory=AugConfig)
+    output_dir: Str
+    seed: Int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(head="cls"))
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    aug: AugConfig = Field(default_factory=AugConfig)
+
+    def __post_init__(self) -> None:
+        m, t = self.model, self.train
+        _check(m.head != "mim", "model.head", m.head, 'be "cls", "distill" or "cnn" for fine-tuning')
+        _check(not t.snapshot_epochs, "train.snapshot_epochs", t.snapshot_epochs,
+               "be empty: snapshots are for pretraining")  # fmt: skip
+        _check(t.probe_every_steps is None, "train.probe_every_steps", t.probe_every_steps,
+               "be unset: the online probe is for pretraining")  # fmt: skip
+        _check(m.head != "cnn" or bool(m.arch), "model.arch", m.arch, 'be set when model.head is "cnn"')
+        for key in ("arch", "path"):
+            value = getattr(self.teacher, key)
+            _check(
+                m.head != "distill" or bool(value), f"teacher.{key}", value, 'be set for model.head "distill"'
+            )
 
 
 # ModelConfig fields that are not DeiTConfig arguments.
@@ -219,113 +360,104 @@ def deit_config_kwargs(model: ModelConfig) -> dict[str, Any]:
     return kwargs
 
 
-# ---------------------------------------------------------------------------------------------- typing
+def new_deit(cls: type, model: ModelConfig, **config_kwargs: Any):
+    """A freshly initialised DeiT model class `cls` (a `simmim.models` class) of the `model` section, with
+    the position embeddings it asks for (`position_embedding_init`); `config_kwargs` go to DeiTConfig."""
+    net = cls(DeiTConfig(**deit_config_kwargs(model), **config_kwargs))
+    if model.position_embedding_init == "sincos":
+        net.deit.embeddings.init_sincos_position_embeddings()
+    return net
 
 
-def _is_union(tp: Any) -> bool:
-    return typing.get_origin(tp) in (Union, types.UnionType)
+# ------------------------------------------------------------------------- fields, as the user reads them
+
+
+def _field_at(cls: type, loc: Sequence[str | int]) -> FieldInfo | None:
+    """The field of ``cls`` (or tuple element) at a pydantic location such as ("data", "mean", 2)."""
+    info = FieldInfo.from_annotation(cls)
+    for part in loc:
+        tp = info.annotation
+        if isinstance(part, str) and dataclasses.is_dataclass(tp) and part in tp.__pydantic_fields__:
+            info = tp.__pydantic_fields__[part]
+        elif isinstance(part, int) and typing.get_origin(tp) is tuple:
+            args = typing.get_args(tp)
+            info = FieldInfo.from_annotation(args[0] if args[-1] is Ellipsis else args[part])
+        else:
+            return None
+    return info
 
 
 def _type_name(tp: Any) -> str:
-    if _is_union(tp):
-        return " | ".join("None" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(json.dumps(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is tuple:
-        return f"tuple[{', '.join('...' if a is Ellipsis else _type_name(a) for a in typing.get_args(tp))}]"
+    """An annotation as recipes write it: "int | None", '"tiny" | "small"', "tuple[float, float]"."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin in (Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in args)
+    if origin is Literal:
+        return " | ".join(json.dumps(a) for a in args)
+    if origin is tuple:
+        return f"tuple[{', '.join('...' if a is Ellipsis else _type_name(a) for a in args)}]"
     return getattr(tp, "__name__", str(tp))
 
 
-# PyYAML follows YAML 1.1, which reads "1e-4" (no dot) as a string; float fields accept such numbers.
-_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+def _bounds(info: FieldInfo) -> str:
+    """What a field's range asks: "must be > 0", "each must be in [0, 1)" (a tuple's elements), or ""."""
+    each = typing.get_origin(info.annotation) is tuple
+    if each:
+        info = FieldInfo.from_annotation(typing.get_args(info.annotation)[0])
+    ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    b = {k: getattr(m, k) for m in info.metadata for k in ops if getattr(m, k, None) is not None}
+    if b.keys() & {"gt", "ge"} and b.keys() & {"lt", "le"}:
+        lo = f"({b['gt']}" if "gt" in b else f"[{b['ge']}"
+        hi = f"{b['lt']})" if "lt" in b else f"{b['le']}]"
+        bounds = f"in {lo}, {hi}"
+    else:
+        bounds = " and ".join(f"{ops[k]} {v}" for k, v in b.items())
+    return f"{'each ' * each}must be {bounds}" if bounds else ""
 
 
-# Strict scalars: a bool is not an int, an int is a fine float.
-_SCALARS: dict[type, Callable[[Any], bool]] = {
-    bool: lambda v: isinstance(v, bool),
-    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-    float: lambda v: (
-        (isinstance(v, (int, float)) and not isinstance(v, bool))
-        or (isinstance(v, str) and _FLOAT_RE.fullmatch(v) is not None)
-    ),
-    str: lambda v: isinstance(v, str),
-}
+def _dotted(loc: Sequence[str | int]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """``value`` checked against the annotation ``tp`` (int -> float, list -> tuple); ValueError otherwise."""
-    fail = ValueError(f"{key}={value!r}: expected {_type_name(tp)}")
-    if _is_union(tp):
-        if value is None and type(None) in typing.get_args(tp):
-            return None
-        for arm in typing.get_args(tp):
-            try:
-                return _coerce(value, arm, key)
-            except ValueError:
-                pass
-        raise fail
-    if typing.get_origin(tp) is Literal:
-        if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
-            return value
-        raise fail
-    if typing.get_origin(tp) is tuple:
-        args = typing.get_args(tp)
-        if isinstance(value, (list, tuple)) and len(args) == 2 and args[1] is Ellipsis:
-            args = (args[0],) * len(value)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise fail
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp in _SCALARS:
-        if _SCALARS[tp](value):
-            return tp(value)
-        raise fail
-    if tp is type(None):
-        raise fail
-    raise TypeError(f"{key}: unsupported annotation {tp!r}")
-
-
-def _unknown_key(name: str, valid: Sequence[str], prefix: str) -> ValueError:
+def _unknown_key(name: str, valid: Sequence[str], prefix: str) -> str:
     close = difflib.get_close_matches(name, valid, n=1)
     hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
-    return ValueError(
-        f"unknown key {prefix + name!r}{hint}; valid keys: {', '.join(prefix + v for v in valid)}"
-    )
+    return f"unknown key {prefix + name!r}{hint}; valid keys: {', '.join(prefix + v for v in valid)}"
 
 
-def _accepts_str(cls: type, key: str) -> bool:
-    """Whether the dotted ``key`` of ``cls`` is a string field (False for unknown keys: _build reports them)."""
-    tp: Any = cls
-    for name in key.split("."):
-        tp = typing.get_type_hints(tp).get(name) if dataclasses.is_dataclass(tp) else None
-    return tp is str or (_is_union(tp) and str in typing.get_args(tp))
+_UNKNOWN = ("unexpected_keyword_argument", "extra_forbidden", "invalid_key")
+_OUT_OF_RANGE = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def _one_line(cls: type, tree: Any, error: dict[str, Any]) -> str:
+    """A pydantic error as ``key=value: what was expected``, the key dotted as recipes and overrides write it."""
+    kind, loc, value = error["type"], tuple(error["loc"]), error["input"]
+    key = _dotted(loc)
+    if kind == "value_error":  # a __post_init__ check, naming keys within its section
+        return f"{key}.{error['ctx']['error']}" if key else str(error["ctx"]["error"])
+    if kind in _UNKNOWN:
+        *section, name = loc
+        prefix = _dotted(section) + "." if section else ""
+        return _unknown_key(str(name), list(_field_at(cls, section).annotation.__pydantic_fields__), prefix)
+    if kind == "missing" and isinstance(loc[-1], str):
+        return f"{key} is required: set it in the recipe or as {key}=..."
+    if kind == "dataclass_type":
+        return f"{key or 'config'}={value!r}: expected a mapping of keys to values"
+    if kind in _OUT_OF_RANGE and isinstance(loc[-1], int):  # an element: name the tuple, as recipes write it
+        *field, _ = loc
+        for part in field:
+            tree = tree[part]
+        return f"{_dotted(field)}={tree!r}: {_bounds(_field_at(cls, field))}"
+    if kind in _OUT_OF_RANGE:
+        return f"{key}={value!r}: {_bounds(_field_at(cls, loc))}"
+    if kind == "missing":  # a tuple given too few elements
+        loc = loc[:-1]
+    return f"{_dotted(loc)}={value!r}: expected {_type_name(_field_at(cls, loc).annotation)}"
 
 
 # ----------------------------------------------------------------------------------- building configs
-
-
-def _build(cls: type[T], values: Any, prefix: str, base: Any = None) -> T:
-    """``cls`` from a nested dict; fields not in ``values`` come from ``base`` (or the defaults)."""
-    if not isinstance(values, dict):
-        raise ValueError(f"{prefix[:-1] or 'config'}={values!r}: expected a mapping of keys to values")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for name, value in values.items():
-        if name not in fields:
-            raise _unknown_key(str(name), list(fields), prefix)
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            # A section's defaults are its parent's default_factory (FinetuneConfig's model head is "cls").
-            sub_base = getattr(base, name) if base is not None else fields[name].default_factory()
-            kwargs[name] = _build(tp, value, f"{prefix}{name}.", sub_base)
-        else:
-            kwargs[name] = _coerce(value, tp, prefix + name)
-    if base is not None:
-        return dataclasses.replace(base, **kwargs)
-    for f in fields.values():
-        if f.name not in kwargs and f.default is MISSING and f.default_factory is MISSING:
-            raise ValueError(f"{prefix}{f.name} is required: set it in the recipe or as {prefix}{f.name}=...")
-    return cls(**kwargs)
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -347,7 +479,8 @@ def _parse_override(cls: type, item: str) -> tuple[str, Any]:
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise ValueError(f"override {item!r}: expected key.sub=value")
-    accepts_str = _accepts_str(cls, key)
+    info = _field_at(cls, key.split("."))  # None for unknown keys: validation reports them
+    accepts_str = info is not None and "str" in _type_name(info.annotation).split(" | ")
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -362,16 +495,28 @@ def _parse_override(cls: type, item: str) -> tuple[str, Any]:
 
 def config_from_dict(cls: type[T], d: dict) -> T:
     """Strictly build and validate ``cls`` from a nested dict (e.g. a saved config.yaml)."""
-    cfg = _build(cls, d, "")
-    validate(cfg)
-    return cfg
+    if isinstance(d, dict):
+        # A section given in part keeps the rest of its parent's default (FinetuneConfig's model.head="cls").
+        d = dict(d)
+        for name, info in cls.__pydantic_fields__.items():
+            if dataclasses.is_dataclass(info.annotation) and isinstance(d.get(name), dict):
+                d[name] = {**config_to_dict(info.get_default(call_default_factory=True)), **d[name]}
+    try:
+        return TypeAdapter(cls).validate_python(d)
+    except ValidationError as e:
+        raise ValueError(_one_line(cls, d, e.errors()[0])) from None
 
 
 def load_config(cls: type[T], recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Defaults of ``cls``, then the recipe YAML, then ``key.sub=value`` overrides; validated."""
     tree: dict = {}
     if recipe is not None:
-        tree = yaml.safe_load(Path(recipe).read_text()) or {}
+        if not Path(recipe).is_file():
+            raise FileNotFoundError(f"--recipe {str(recipe)!r}: no such file")
+        try:
+            tree = yaml.safe_load(Path(recipe).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"recipe {str(recipe)!r} is not valid YAML: {' '.join(str(e).split())}") from e
         if not isinstance(tree, dict):
             raise ValueError(f"recipe {str(recipe)!r}: expected a mapping of keys to values")
     for item in overrides:
@@ -379,17 +524,9 @@ def load_config(cls: type[T], recipe: str | Path | None = None, overrides: Seque
     return config_from_dict(cls, tree)
 
 
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """Nested dict of plain JSON/YAML values (tuples become lists)."""
-    return _plain(cfg)
+    return TypeAdapter(type(cfg)).dump_python(cfg, mode="json")
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
@@ -399,28 +536,20 @@ def save_config(cfg: Any, path: str | Path) -> None:
     path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-def _field_comments(cls: type) -> dict[str, str]:
-    """The ``name: type = default  # comment`` comments in a dataclass's source: the help of its fields."""
-    try:
-        return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.MULTILINE))
-    except (OSError, TypeError):
-        return {}
-
-
 def config_help(cls: type, prefix: str = "", base: Any = None) -> str:
-    """Every key of ``cls`` with its type, default and comment, sections headed by their docstring."""
+    """Every key of ``cls`` with its type, default, help and range, sections headed by their docstring."""
     lines = []
-    hints, comments = typing.get_type_hints(cls), _field_comments(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            lines += ["", f"{prefix}{f.name}: {(tp.__doc__ or '').strip()}"]
-            lines.append(config_help(tp, f"{prefix}{f.name}.", f.default_factory()))
+    for name, info in cls.__pydantic_fields__.items():
+        if dataclasses.is_dataclass(info.annotation):
+            section = info.get_default(call_default_factory=True)
+            lines += ["", f"{prefix}{name}: {(info.annotation.__doc__ or '').strip()}"]
+            lines.append(config_help(info.annotation, f"{prefix}{name}.", section))
             continue
-        value = getattr(base, f.name) if base is not None else f.default
-        default = "(required)" if value is MISSING else f"= {json.dumps(_plain(value))}"
-        comment = f"  # {comments[f.name]}" if f.name in comments else ""
-        lines.append(f"  {prefix}{f.name}: {_type_name(tp)} {default}{comment}")
+        value = getattr(base, name) if base is not None else info.default
+        default = "(required)" if info.is_required() else f"= {json.dumps(value)}"
+        notes = "; ".join(filter(None, [info.description, _bounds(info)]))
+        line = f"  {prefix}{name}: {_type_name(info.annotation)} {default}"
+        lines.append(f"{line}  # {notes}" if notes else line)
     return "\n".join(lines)
 
 
@@ -443,102 +572,3 @@ def parse_cli(cls: type[T], argv: list[str]) -> T:
         else:
             overrides.append(arg)
     return load_config(cls, recipe, overrides)
-
-
-# ------------------------------------------------------------------------------------------ validation
-
-# Ranges by key; None (an off switch or "the variant's value") always passes, tuples are checked elementwise,
-# and keys of sections a config does not have (mask in fine-tuning) are skipped.
-_RANGES: dict[str, tuple[Callable[[float], bool], tuple[str, ...]]] = {
-    "be > 0": (lambda v: v > 0, (
-        "data.batch_size", "data.synthetic_size", "data.std", "model.hidden_size", "model.num_hidden_layers",
-        "model.num_attention_heads", "model.intermediate_size", "model.image_size", "model.patch_size",
-        "model.num_channels", "model.encoder_stride", "model.pooler_output_size", "mask.patch_size",
-        "optim.base_lr", "optim.eps", "optim.clip_grad", "optim.grad_accum_steps", "train.epochs",
-        "train.max_steps", "train.save_every_steps", "train.keep_last", "train.log_every_steps",
-        "train.eval_every_steps", "train.eval_every_epochs", "train.eval_batches", "train.snapshot_epochs", "train.probe_every_steps", "probe.bank_images",
-        "probe.query_images", "probe.layer", "distill.tau")),
-    "be >= 0": (lambda v: v >= 0, (
-        "data.num_workers", "optim.min_lr", "optim.weight_decay", "optim.warmup_epochs", "aug.mixup",
-        "aug.cutmix")),
-    "be in [0, 1)": (lambda v: 0 <= v < 1, (
-        "data.val_fraction", "data.max_bad_fraction", "model.hidden_dropout_prob",
-        "model.attention_probs_dropout_prob", "model.drop_path_rate", "optim.betas", "aug.label_smoothing")),
-    "be in [0, 1]": (lambda v: 0 <= v <= 1, ("distill.alpha", "aug.random_erasing")),
-    "be in (0, 1)": (lambda v: 0 < v < 1, ("mask.ratio", "train.ema")),
-    "be in (0, 1]": (lambda v: 0 < v <= 1, ("optim.layer_decay", "aug.crop_scale", "data.label_fraction")),
-}  # fmt: skip
-
-
-def _check(ok: bool, key: str, value: Any, must: str) -> None:
-    if not ok:
-        raise ValueError(f"{key}={value!r}: must {must}")
-
-
-def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
-    """Constraints the types cannot express; ValueError naming the first key that breaks one."""
-    for must, (ok, keys) in _RANGES.items():
-        for key in keys:
-            section, name = key.split(".")
-            if hasattr(cfg, section):
-                value = getattr(getattr(cfg, section), name)
-                values = value if isinstance(value, tuple) else (value,)
-                _check(all(v is None or ok(v) for v in values), key, value, must)
-
-    m, o, size, p = cfg.model, cfg.optim, cfg.model.image_size, cfg.model.patch_size
-    arch = deit_config_kwargs(m)
-    heads, width = arch["num_attention_heads"], arch["hidden_size"]
-    _check(width % heads == 0, "model.num_attention_heads", heads, f"divide hidden_size={width}")
-    pe = m.position_embedding_init
-    _check(pe != "sincos" or width % 4 == 0, "model.position_embedding_init", pe,
-           f"be 'random' for hidden_size={width}: a 2-D sine-cosine table needs a multiple of 4")  # fmt: skip
-    _check(size % p == 0, "model.patch_size", p, f"divide model.image_size={size}")
-    _check(o.min_lr <= o.base_lr, "optim.min_lr", o.min_lr, f"be <= optim.base_lr={o.base_lr}")
-    t = cfg.train
-    _check(
-        all(e <= t.epochs for e in t.snapshot_epochs), "train.snapshot_epochs", t.snapshot_epochs,
-        f"be epochs of the run (<= train.epochs={t.epochs})",
-    )  # fmt: skip
-    d = cfg.data
-    _check(
-        not d.holdout_from_train or 0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction,
-        "be in (0, 1) with data.holdout_from_train=true (the share of train held out)",
-    )  # fmt: skip
-    if isinstance(cfg, PretrainConfig):
-        _check(
-            d.label_fraction == 1.0,
-            "data.label_fraction",
-            d.label_fraction,
-            "be 1.0: pretraining uses no labels",
-        )
-        _check(m.head == "mim", "model.head", m.head, 'be "mim" for pretraining')
-        _check(m.init == "scratch", "model.init", m.init, 'be "scratch": pretraining starts from scratch')
-        # SimMIM's mask generator works on a grid of mask patches, each a whole number of model patches.
-        mp = cfg.mask.patch_size
-        _check(mp % p == 0, "mask.patch_size", mp, f"be a multiple of model.patch_size={p}")
-        _check(size % mp == 0, "mask.patch_size", mp, f"divide model.image_size={size}")
-        depth = arch["num_hidden_layers"]
-        layer = cfg.probe.layer
-        _check(
-            layer is None or layer <= depth, "probe.layer", layer, f"be a block of the encoder (1..{depth})"
-        )
-        return
-    _check(m.head != "mim", "model.head", m.head, 'be "cls", "distill" or "cnn" for fine-tuning')
-    _check(
-        not t.snapshot_epochs,
-        "train.snapshot_epochs",
-        t.snapshot_epochs,
-        "be empty: snapshots are for pretraining",
-    )
-    _check(
-        t.probe_every_steps is None,
-        "train.probe_every_steps",
-        t.probe_every_steps,
-        "be unset: the online probe is for pretraining",
-    )
-    lo, hi = cfg.aug.crop_scale
-    _check(lo <= hi, "aug.crop_scale", cfg.aug.crop_scale, "be (min, max) with min <= max")
-    _check(m.head != "cnn" or bool(m.arch), "model.arch", m.arch, 'be set when model.head is "cnn"')
-    for key in ("arch", "path"):
-        value = getattr(cfg.teacher, key)
-        _check(m.head != "distill" or bool(value), f"teacher.{key}", value, 'be set for model.head "distill"')

@@ -14,7 +14,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,6 +192,211 @@ def evaluation_loader(dataset, cfg: Any, acc: Accelerator, collate_fn: Callable)
     )
 
 
+@dataclass
+class LossMeter:
+    """The loss and image counts of the current logging window, kept on the device: the step never waits
+    for a read-back, which happens only when the window is flushed (`.item()`)."""
+
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        # The first step whose loss was not finite, -1 while none was: checked at each log, eval and save.
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.micro_batches = self.images = self.skipped = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, images: int, step: int) -> None:
+        """One readable micro-batch of `images` images and its (detached) loss."""
+        self.loss_sum += loss
+        self.first_bad_step = torch.where(
+            (self.first_bad_step < 0) & ~torch.isfinite(loss),
+            torch.full_like(self.first_bad_step, step),
+            self.first_bad_step,
+        )
+        self.micro_batches += 1
+        self.images += images
+
+    def check_finite(self, acc: Accelerator, intact: Path | None) -> None:
+        """Stop (every process) if any process saw a non-finite loss; `intact` is the last good checkpoint."""
+        bad = self.first_bad_step.clone()
+        bad = int(acc.reduce(bad, "max").item()) if acc.num_processes > 1 else int(bad.item())
+        if bad >= 0:
+            raise NonFiniteLossError(
+                f"the loss became non-finite at step {bad}; the last good checkpoint ({intact}) is intact. "
+                "Lower optim.base_lr or enable optim.clip_grad."
+            )
+
+    def flush(self, acc: Accelerator) -> tuple[int, int, float, float]:
+        """(images, skipped images, mean loss, seconds) of the window over all processes; starts a new one."""
+        seen = acc.reduce(torch.tensor([self.images, self.skipped], device=self.device), "sum")
+        mean_loss = acc.reduce(self.loss_sum, "mean").item() / max(self.micro_batches, 1)
+        seconds = time.perf_counter() - self.start
+        self.loss_sum.zero_()
+        self.micro_batches = self.images = self.skipped = 0
+        self.start = time.perf_counter()
+        return int(seen[0]), int(seen[1]), mean_loss, seconds
+
+
+@dataclass
+class TrainState:
+    """The run's model, optimizer and schedule, and what a checkpoint restores beside the model, optimizer
+    and RNG states that accelerate saves: the step, the counters and the EMA weights."""
+
+    schedule: Schedule
+    model: nn.Module  # prepared by accelerate
+    optimizer: torch.optim.Optimizer
+    ema: ModelEma | None
+    checkpoints: CheckpointManager
+    step: int = 0
+    counters: Counters = field(default_factory=Counters)
+
+    @classmethod
+    def start(cls, cfg: Any, model: nn.Module, acc: Accelerator, num_samples: int) -> TrainState:
+        """AdamW over the model's parameter groups, the EMA, and the newest checkpoint's state if any."""
+        schedule = Schedule.build(num_samples, cfg.data, cfg.optim, cfg.train, acc.num_processes)
+        groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
+        optimizer = torch.optim.AdamW(groups, lr=schedule.peak_lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+        if cfg.train.compile:
+            model.compile()  # in place: parameter names (and so checkpoints) stay unchanged
+        model, optimizer = acc.prepare(model, optimizer)
+        ema = ModelEma(cfg.train.ema, acc.unwrap_model(model)) if cfg.train.ema else None
+        state = cls(
+            schedule, model, optimizer, ema, CheckpointManager(cfg.output_dir, acc, cfg.train.keep_last)
+        )
+        latest = state.checkpoints.latest()
+        if latest is not None:
+            saved, path = state.checkpoints.load(latest)
+            state.step, state.counters = saved["step"], Counters(**saved["counters"])
+            if ema is not None:
+                ema.load_state_dict(state.checkpoints.load_tensors(path, "ema.safetensors"))
+            acc.print(f"resuming from {path} at step {state.step}/{schedule.total_steps}")
+        acc.print(
+            f"{num_samples} training images, global batch {schedule.global_batch}, {schedule.steps_per_epoch} "
+            f"steps/epoch, {schedule.total_steps} steps, peak lr {schedule.peak_lr:.3g}"
+        )
+        return state
+
+    def save(self) -> None:
+        tensors = {"ema.safetensors": self.ema.state_dict()} if self.ema is not None else None
+        self.checkpoints.save(self.step, {"counters": self.counters.__dict__}, tensors)
+
+    def count(self, images: int, skipped: int, max_bad_fraction: float) -> None:
+        """Add a flushed window's images; stop when too many could not be decoded."""
+        c = self.counters
+        c.images_seen += images
+        c.images_skipped += skipped
+        try:
+            check_bad_fraction(c.images_skipped, c.images_seen + c.images_skipped, max_bad_fraction)
+        except BadImageError as e:
+            intact = self.checkpoints.latest()
+            raise BadImageError(f"{e}; the last good checkpoint ({intact}) is intact") from e
+
+
+class TrainBatches:
+    """The loop's micro-batches on the device from the state's step on, each with its loss weight.
+
+    A micro-batch whose every image was unreadable still has to go through a forward and backward on every
+    process (DDP all-reduces), so the last readable batch goes through again with weight 0; a process whose
+    first micro-batch was unreadable reads one from the start of the split (`fallback_batch`)."""
+
+    def __init__(self, batches: Iterator[dict], device: torch.device, fallback: Callable[[], dict]) -> None:
+        self.batches, self.device, self.fallback = batches, device, fallback
+        self.last: dict[str, Any] | None = None
+
+    @classmethod
+    def of_run(cls, train_set, collate_fn: Callable, cfg: Any, state: TrainState, acc: Accelerator):
+        return cls(
+            micro_batches(train_set, collate_fn, cfg, state.schedule, state.step, acc),
+            acc.device,
+            fallback=lambda: fallback_batch(train_set, cfg, collate_fn, acc.device),
+        )
+
+    def next(self, weight: float) -> tuple[dict[str, Any], float, int]:
+        """(batch, its weight, images skipped while reading it)."""
+        batch = next(self.batches)
+        skipped = batch["num_skipped"]
+        if len(batch["index"]) == 0:
+            return (self.last if self.last is not None else self.fallback()), 0.0, skipped
+        self.last = move_to(batch, self.device)
+        return self.last, weight, skipped
+
+
+def train_step(
+    state: TrainState, batches: TrainBatches, loss_fn: LossFn, meter: LossMeter, acc: Accelerator, optim: Any
+) -> torch.Tensor:
+    """One optimizer step over `optim.grad_accum_steps` micro-batches; returns the gradient norm (before
+    clipping). `state.step` is the step being taken."""
+    model, optimizer, accum = state.model, state.optimizer, optim.grad_accum_steps
+    set_lr(optimizer, state.schedule.lr(state.step))
+    for micro in range(accum):
+        batch, weight, skipped = batches.next(1.0 / accum)
+        meter.skipped += skipped
+        # Gradients are all-reduced only on the last micro-batch of the step.
+        with nullcontext() if micro == accum - 1 else acc.no_sync(model), acc.autocast():
+            loss = loss_fn(model, batch)
+        acc.backward(loss * weight)
+        if weight > 0:
+            meter.add(loss.detach(), batch["pixel_values"].shape[0], state.step)
+    # With no clipping, an infinite threshold still returns the norm for the log.
+    grad_norm = acc.clip_grad_norm_(model.parameters(), optim.clip_grad or math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if state.ema is not None:
+        state.ema.update(acc.unwrap_model(model))
+    return grad_norm
+
+
+def evaluate_and_keep_best(
+    state: TrainState,
+    evaluate: EvaluateFn,
+    log: RunLog,
+    acc: Accelerator,
+    select_metric: str | None,
+    export: Callable[[nn.Module, Path], None],
+    out: Path,
+) -> None:
+    """Evaluate the model (and its EMA); with `select_metric`, export whichever is the best so far."""
+    model, step, counters, ema = state.model, state.step, state.counters, state.ema
+    # The unwrapped model: DDP's forward can sync buffers, and ranks may hold unequal shares of the split.
+    metrics = evaluate(acc.unwrap_model(model), step, log)
+    if ema is not None:
+        metrics.update({f"ema_{k}": v for k, v in evaluate(ema.module, step, log).items()})
+    log.write(step, metrics, kind="eval")
+    counters.history.append({"step": step, "epoch": step / state.schedule.steps_per_epoch, **metrics})
+    if select_metric and metrics:
+        candidates = [(metrics[select_metric], False)]
+        if ema is not None:
+            candidates.append((metrics[f"ema_{select_metric}"], True))
+        value, is_ema = max(candidates, key=lambda c: c[0])
+        if not counters.best or value > counters.best[select_metric]:
+            counters.best = {select_metric: value, "step": step, "ema": is_ema}
+            if acc.is_main_process:
+                export(ema.module if is_ema else acc.unwrap_model(model), out / "export")
+    acc.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module):
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train()
+
+
+def fallback_batch(train_set, cfg: Any, collate_fn: Callable, device: torch.device) -> dict[str, Any]:
+    """Any readable training batch (built only if a process's first micro-batch was all unreadable)."""
+    loader = build_loader(
+        train_set, batch_size=cfg.data.batch_size, shuffle=False, drop_last=False, num_workers=0,
+        seed=cfg.seed, collate_fn=collate_fn,
+    )  # fmt: skip
+    for batch in loader:
+        if len(batch["index"]):
+            return move_to(batch, device)
+    raise BadImageError(f"no image of the training split {cfg.data.path} could be decoded")
+
+
 def train(
     cfg: Any,
     *,
@@ -206,212 +411,94 @@ def train(
     eval_each_epoch: bool = False,
     probe: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """Train `model` on `train_set` with `loss_fn(prepared_model, batch) -> loss`.
+    """Train `model` on `train_set` with `loss_fn(prepared_model, batch) -> loss`; returns the counters
+    (also in the checkpoints' trainer_state.json). `cfg` is a PretrainConfig or FinetuneConfig.
 
-    Args:
-        cfg: a PretrainConfig or FinetuneConfig (uses output_dir, seed, data, optim, train).
-        evaluate: `evaluate(prepared_model, step, log) -> {name: value}`, called every
-            `train.eval_every_steps` (or every `train.eval_every_epochs` epochs with `eval_each_epoch`) and at the end; it may
-            add images to `log`.
-        export: writes a Transformers-format directory from an unwrapped model.
-        select_metric: with a metric name (e.g. "top1", higher is better), `output_dir/export` holds the
-            best evaluated weights (EMA weights compete too); without, the final weights.
-        probe: `probe(unwrapped_model) -> {name: value}`, run on the main process every
-            `train.probe_every_steps` and at the end, logged as kind "probe" (pretraining's online probe).
-    Returns:
-        The counters and final metrics as a dict (also in `output_dir/checkpoints/.../trainer_state.json`).
-    """
-    acc = accelerator
-    out = Path(cfg.output_dir)
-    schedule = Schedule.build(len(train_set), cfg.data, cfg.optim, cfg.train, acc.num_processes)
-    checkpoints = CheckpointManager(out, acc, cfg.train.keep_last)
-
-    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=schedule.peak_lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
-    if cfg.train.compile:
-        model.compile()  # in place: parameter names (and so checkpoints) stay unchanged
-    model, optimizer = acc.prepare(model, optimizer)
-    ema = ModelEma(cfg.train.ema, acc.unwrap_model(model)) if cfg.train.ema else None
-
-    step, counters = 0, Counters()
-    latest = checkpoints.latest()
-    if latest is not None:
-        state, path = checkpoints.load(latest)
-        step = state["step"]
-        counters = Counters(**state["counters"])
-        if ema is not None:
-            ema.load_state_dict(checkpoints.load_tensors(path, "ema.safetensors"))
-        acc.print(f"resuming from {path} at step {step}/{schedule.total_steps}")
-    log = RunLog(out, acc.is_main_process, resume_step=step)
-    log.write(step, {**schedule.__dict__, "num_processes": acc.num_processes}, kind="schedule")
-    acc.print(
-        f"{len(train_set)} training images, global batch {schedule.global_batch}, "
-        f"{schedule.steps_per_epoch} steps/epoch, {schedule.total_steps} steps, peak lr {schedule.peak_lr:.3g}"
-    )
-
-    def save() -> None:
-        tensors = {"ema.safetensors": ema.state_dict()} if ema is not None else None
-        checkpoints.save(step, {"counters": counters.__dict__}, tensors)
-
-    def run_evaluation() -> None:
-        # The unwrapped model: DDP's forward can sync buffers, and ranks may hold unequal shares of the split.
-        metrics = evaluate(acc.unwrap_model(model), step, log) if evaluate else {}
-        if ema is not None and evaluate:
-            metrics.update({f"ema_{k}": v for k, v in evaluate(ema.module, step, log).items()})
-        log.write(step, metrics, kind="eval")
-        counters.history.append({"step": step, "epoch": step / schedule.steps_per_epoch, **metrics})
-        if select_metric and metrics:
-            candidates = [(metrics[select_metric], False)]
-            if ema is not None:
-                candidates.append((metrics[f"ema_{select_metric}"], True))
-            value, is_ema = max(candidates, key=lambda c: c[0])
-            if not counters.best or value > counters.best[select_metric]:
-                counters.best = {select_metric: value, "step": step, "ema": is_ema}
-                if acc.is_main_process:
-                    export(ema.module if is_ema else acc.unwrap_model(model), out / "export")
-        acc.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-
-    batches = micro_batches(train_set, collate_fn, cfg, schedule, step, acc)
-    accum = cfg.optim.grad_accum_steps
-    bar = tqdm(total=schedule.total_steps, initial=step, disable=not acc.is_main_process, dynamic_ncols=True)
-    # Device-side accumulators: read back (.item()) only when logging.
-    loss_sum = torch.zeros((), device=acc.device)
-    first_bad_step = torch.full((), -1, dtype=torch.long, device=acc.device)
-    window = {"micro_batches": 0, "images": 0, "skipped": 0, "start": time.perf_counter()}
-    last_batch: dict[str, Any] | None = None
-
-    def check_finite() -> None:
-        bad = (
-            int(acc.reduce(first_bad_step.clone(), "max").item())
-            if acc.num_processes > 1
-            else first_bad_step.item()
-        )
-        if bad >= 0:
-            raise NonFiniteLossError(
-                f"the loss became non-finite at step {bad}; the last good checkpoint "
-                f"({checkpoints.latest()}) is intact. Lower optim.base_lr or enable optim.clip_grad."
-            )
-
-    def flush_window() -> dict[str, float]:
-        """Fold the images seen since the last flush into the counters (all processes); returns log values."""
-        seen = acc.reduce(torch.tensor([window["images"], window["skipped"]], device=acc.device), "sum")
-        mean_loss = acc.reduce(loss_sum, "mean").item() / max(window["micro_batches"], 1)
-        counters.images_seen += int(seen[0])
-        counters.images_skipped += int(seen[1])
-        check_bad_fraction(
-            counters.images_skipped, counters.images_seen + counters.images_skipped, cfg.data.max_bad_fraction
-        )
-        values = {
-            "loss": mean_loss,
-            "lr": schedule.lr(step - 1),
-            "img_per_s": int(seen[0]) / (time.perf_counter() - window["start"]),
-            "epoch": step / schedule.steps_per_epoch,
-            "images_skipped": counters.images_skipped,
-        }
-        loss_sum.zero_()
-        window.update(micro_batches=0, images=0, skipped=0, start=time.perf_counter())
-        return values
-
-    def fallback_batch() -> dict[str, Any]:
-        """Any readable training batch (built only if a process's first micro-batch was all unreadable)."""
-        loader = build_loader(
-            train_set, batch_size=cfg.data.batch_size, shuffle=False, drop_last=False, num_workers=0,
-            seed=cfg.seed, collate_fn=collate_fn,
-        )  # fmt: skip
-        for batch in loader:
-            if len(batch["index"]):
-                return move_to(batch, acc.device)
-        raise BadImageError(f"no image of the training split {cfg.data.path} could be decoded")
-
+    `evaluate(unwrapped_model, step, log) -> {name: value}` runs every `train.eval_every_steps` (with
+    `eval_each_epoch`: every `train.eval_every_epochs` epochs) and at the end. `export(model, directory)`
+    writes an export; with `select_metric` (higher is better, EMA weights compete too) `output_dir/export`
+    holds the best evaluated weights, without it the final ones. `probe(unwrapped_model)` runs on the main
+    process every `train.probe_every_steps` and at the end (pretraining's online probe)."""
+    acc, out, t = accelerator, Path(cfg.output_dir), cfg.train
+    state = TrainState.start(cfg, model, acc, len(train_set))
+    schedule, model = state.schedule, state.model
+    log = RunLog(out, acc.is_main_process, resume_step=state.step)
+    log.write(state.step, {**schedule.__dict__, "num_processes": acc.num_processes}, kind="schedule")
+    batches = TrainBatches.of_run(train_set, collate_fn, cfg, state, acc)
+    meter = LossMeter(acc.device)
+    eval_every = schedule.steps_per_epoch * t.eval_every_epochs if eval_each_epoch else t.eval_every_steps
     model.train()
-    with StopSignal() as stop:
-        while step < schedule.total_steps:
-            set_lr(optimizer, schedule.lr(step))
-            for micro in range(accum):
-                batch = next(batches)
-                window["skipped"] += batch["num_skipped"]
-                weight = 1.0 / accum
-                if len(batch["index"]) == 0:
-                    # Every image of this micro-batch was unreadable. Every process must still run a forward and
-                    # backward (DDP all-reduces), so a readable batch goes through with weight 0.
-                    batch, weight = last_batch if last_batch is not None else fallback_batch(), 0.0
-                else:
-                    batch = last_batch = move_to(batch, acc.device)
-                    window["images"] += batch["pixel_values"].shape[0]
-                    window["micro_batches"] += 1
-                # Gradients are all-reduced only on the last micro-batch of the step.
-                sync = micro == accum - 1
-                with nullcontext() if sync else acc.no_sync(model), acc.autocast():
-                    loss = loss_fn(model, batch)
-                acc.backward(loss * weight)
-                if weight > 0:
-                    loss = loss.detach()
-                    loss_sum += loss
-                    first_bad_step = torch.where(
-                        (first_bad_step < 0) & ~torch.isfinite(loss),
-                        torch.full_like(first_bad_step, step),
-                        first_bad_step,
-                    )
-            # With no clipping, an infinite threshold still returns the norm for the log.
-            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad or math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(acc.unwrap_model(model))
-            step += 1
+    progress = dict(total=schedule.total_steps, initial=state.step, disable=not acc.is_main_process)
+    # The bar closes on any way out, so that an error's message is the last line a user sees.
+    with StopSignal() as stop, tqdm(**progress, dynamic_ncols=True) as bar:
+        while state.step < schedule.total_steps:
+            grad_norm = train_step(state, batches, loss_fn, meter, acc, cfg.optim)
+            state.step += 1
+            step, last = state.step, state.step == schedule.total_steps
             bar.update(1)
-
-            last_step = step == schedule.total_steps
-            if step % cfg.train.log_every_steps == 0 or last_step:
-                check_finite()
-                values = {**flush_window(), "grad_norm": float(grad_norm)}
+            if step % t.log_every_steps == 0 or last:
+                meter.check_finite(acc, state.checkpoints.latest())
+                values = {
+                    **flush_to_log(meter, state, acc, cfg.data.max_bad_fraction),
+                    "grad_norm": float(grad_norm),
+                }
                 log.write(step, values)
                 bar.set_postfix(
                     loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", img_s=f"{values['img_per_s']:.0f}"
                 )
-
-            cadence = (
-                step % (schedule.steps_per_epoch * cfg.train.eval_every_epochs)
-                if eval_each_epoch
-                else step % cfg.train.eval_every_steps
-            )
-            if evaluate is not None and (cadence == 0 or last_step):
-                check_finite()
-                model.eval()
-                run_evaluation()
-                model.train()
-
-            every = cfg.train.probe_every_steps
-            if probe is not None and every and (step % every == 0 or last_step) and acc.is_main_process:
-                model.eval()
-                values = probe(acc.unwrap_model(model))
-                log.write(step, values, kind="probe")
-                acc.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
-                model.train()
-
+            if evaluate is not None and (step % eval_every == 0 or last):
+                meter.check_finite(acc, state.checkpoints.latest())
+                with evaluation_mode(model):
+                    evaluate_and_keep_best(state, evaluate, log, acc, select_metric, export, out)
+            if probe is not None and t.probe_every_steps and (step % t.probe_every_steps == 0 or last):
+                with evaluation_mode(model):
+                    run_probe(probe, acc.unwrap_model(model), step, log, acc)
             epoch_done, in_epoch = divmod(step, schedule.steps_per_epoch)
-            if in_epoch == 0 and epoch_done in cfg.train.snapshot_epochs and acc.is_main_process:
+            if in_epoch == 0 and epoch_done in t.snapshot_epochs and acc.is_main_process:
                 # Before the save of this step: a run killed in between redoes the step and the snapshot.
                 export_snapshot(export, acc.unwrap_model(model), out / "snapshots" / f"epoch_{epoch_done}")
-
             stopping = _stop_requested(stop, acc)
-            if step % cfg.train.save_every_steps == 0 or last_step or stopping:
-                check_finite()
-                flush_window()  # the counters in the checkpoint include every image trained on so far
-                save()
+            if step % t.save_every_steps == 0 or last or stopping:
+                meter.check_finite(acc, state.checkpoints.latest())
+                # The counters in the checkpoint include every image trained on so far.
+                flush_to_log(meter, state, acc, cfg.data.max_bad_fraction)
+                state.save()
             if stopping:
-                bar.close()
                 log.close()
                 acc.print(f"signal {stopping}: saved step {step}; run the same command again to resume")
                 raise SystemExit(128 + stopping)
-    bar.close()
 
-    if not select_metric or not counters.best:
-        if acc.is_main_process:
-            export(acc.unwrap_model(model), out / "export")
+    if (not select_metric or not state.counters.best) and acc.is_main_process:
+        export(acc.unwrap_model(model), out / "export")
     acc.wait_for_everyone()
     log.close()
-    return {"step": step, **counters.__dict__}
+    return {"step": state.step, **state.counters.__dict__}
+
+
+def flush_to_log(
+    meter: LossMeter, state: TrainState, acc: Accelerator, max_bad_fraction: float
+) -> dict[str, float]:
+    """Fold the logging window into the counters (every process); returns the values of a log line."""
+    images, skipped, mean_loss, seconds = meter.flush(acc)
+    state.count(images, skipped, max_bad_fraction)
+    schedule = state.schedule
+    return {
+        "loss": mean_loss,
+        "lr": schedule.lr(state.step - 1),
+        "img_per_s": images / seconds,
+        "epoch": state.step / schedule.steps_per_epoch,
+        "images_skipped": state.counters.images_skipped,
+    }
+
+
+def run_probe(
+    probe: Callable[[nn.Module], dict[str, float]], model: nn.Module, step: int, log: RunLog, acc: Accelerator
+) -> None:
+    """The online probe, on the main process only (its subsets are small, and it logs from there)."""
+    if acc.is_main_process:
+        values = probe(model)
+        log.write(step, values, kind="probe")
+        acc.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
 
 
 def _stop_requested(stop: StopSignal, acc: Accelerator) -> int:

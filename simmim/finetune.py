@@ -15,13 +15,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from accelerate.utils import set_seed
-from safetensors.torch import save_file
 from torch import nn
 
-from simmim.checkpoints import latest_checkpoint
-from simmim.config import FinetuneConfig, deit_config_kwargs, save_config
+from simmim.config import FinetuneConfig, deit_config_kwargs, new_deit
 from simmim.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -31,9 +28,8 @@ from simmim.data import (
     eval_transform,
     finetune_transform,
 )
-from simmim.data.sources import SubsetSource, balanced_subset
+from simmim.data.sources import SubsetSource, balanced_subset, open_split
 from simmim.engine import evaluation_loader, make_accelerator, train
-from simmim.losses import classification_loss
 from simmim.models import (
     DeiTConfig,
     DeiTForImageClassification,
@@ -41,11 +37,12 @@ from simmim.models import (
     DeiTImageProcessor,
 )
 from simmim.models.checkpoint import read_state_dict
-from simmim.pretrain import EXPORT_CONFIG, check_output_dir, image_processor, open_split
+from simmim.models.cnn import CNN_CONFIG, build_cnn, load_cnn, read_cnn_config
+from simmim.models.losses import classification_loss
+from simmim.runs import export_model, image_processor, prepare_output_dir
 
 logger = logging.getLogger("simmim.finetune")
 
-CNN_CONFIG = "cnn_config.json"  # a CNN export: torchvision arch, labels and input normalisation
 HEAD_KEYS = {
     "cls": {"classifier.weight", "classifier.bias"},
     "distill": {
@@ -82,10 +79,7 @@ def build_student(cfg: FinetuneConfig, id2label: dict[int, str]) -> tuple[nn.Mod
     cls = DeiTForImageClassification if cfg.model.head == "cls" else DeiTForImageClassificationWithTeacher
     labels = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
     if cfg.model.init == "scratch":
-        model = cls(DeiTConfig(**deit_config_kwargs(cfg.model), **labels))
-        if cfg.model.position_embedding_init == "sincos":
-            model.deit.embeddings.init_sincos_position_embeddings()
-        return model, {}
+        return new_deit(cls, cfg.model, **labels), {}
     path = resolve_init(cfg.model.init)
     # Architecture from the checkpoint; resolution, regularisation and labels from this run.
     overrides = {"image_size": cfg.model.image_size, "drop_path_rate": cfg.model.drop_path_rate, **labels}
@@ -118,13 +112,6 @@ def check_loading_info(info: dict[str, list[str]], head: str, path: Path) -> Non
     logger.info("loaded %s: new %s, unused %s", path, sorted(missing), info["unexpected_keys"])
 
 
-def build_cnn(arch: str, num_classes: int) -> nn.Module:
-    """A torchvision classification model, randomly initialised (no weights can be downloaded)."""
-    if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"teacher/model arch {arch!r} is not a torchvision classification model")
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-
-
 class Teacher(nn.Module):
     """A frozen classifier in eval mode, fed with its own input normalisation."""
 
@@ -155,7 +142,7 @@ def load_teacher(cfg: FinetuneConfig, num_classes: int) -> Teacher:
         model, mean, std = build_cnn(arch, num_classes), IMAGENET_MEAN, IMAGENET_STD
         file = path
         if path.is_dir():
-            meta = json.loads((path / CNN_CONFIG).read_text())
+            meta = read_cnn_config(path)
             if meta["arch"] != arch:
                 raise ValueError(f"teacher.path {path} holds a {meta['arch']}, teacher.arch is {arch}")
             mean, std, file = meta["mean"], meta["std"], path / "model.safetensors"
@@ -190,11 +177,9 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, DeiTImageProcessor, di
     """Any exported classifier: DeiT (ours or Transformers') or a simmim CNN export -> (model, processor, labels)."""
     path = Path(path)
     if (path / CNN_CONFIG).is_file():
-        meta = json.loads((path / CNN_CONFIG).read_text())
-        model = build_cnn(meta["arch"], len(meta["id2label"]))
-        model.load_state_dict(read_state_dict(path / "model.safetensors"))
+        model, meta = load_cnn(path)
         return (
-            model.eval(),
+            model,
             DeiTImageProcessor.from_pretrained(path),
             {int(k): v for k, v in meta["id2label"].items()},
         )
@@ -202,27 +187,38 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, DeiTImageProcessor, di
     return model, processor, model.config.id2label
 
 
-# ---------------------------------------------------------------------------------------------- export
-def export_classifier(
-    model: nn.Module, directory: Path, cfg: FinetuneConfig, id2label: dict[int, str]
-) -> None:
-    processor = image_processor(cfg.model.image_size, cfg.data.mean, cfg.data.std)
-    if cfg.model.head == "cnn":
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-        meta = {"arch": cfg.model.arch, "id2label": {str(k): v for k, v in id2label.items()}}
-        meta |= {"mean": list(cfg.data.mean), "std": list(cfg.data.std), "image_size": cfg.model.image_size}
-        (directory / CNN_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-    else:
-        model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    save_config(cfg, directory / EXPORT_CONFIG)
-
-
 # ---------------------------------------------------------------------------------------------- the run
 def logits_of(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, loader, accelerator, num_classes: int) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and cross-entropy over every process's share of a validation split."""
+    k = min(5, num_classes)
+    totals = torch.zeros(4, device=accelerator.device)  # (loss sum, top-1 hits, top-k hits, images)
+    for batch in loader:
+        if len(batch["index"]) == 0:
+            continue  # unreadable images, or this rank's empty share of the last batch
+        x, y = batch["pixel_values"].to(accelerator.device), batch["labels"].to(accelerator.device)
+        with accelerator.autocast():
+            logits = logits_of(model(x)).float()
+        topk = logits.topk(k, dim=-1).indices  # (B, k)
+        totals += torch.stack(
+            (
+                F.cross_entropy(logits, y, reduction="sum"),
+                (topk[:, 0] == y).sum().float(),
+                (topk == y[:, None]).any(-1).sum().float(),
+                torch.tensor(float(len(y)), device=y.device),
+            )
+        )
+    totals = accelerator.reduce(totals, "sum")
+    n = totals[3].clamp(min=1)
+    return {
+        "loss": (totals[0] / n).item(),
+        "top1": (100 * totals[1] / n).item(),
+        f"top{k}": (100 * totals[2] / n).item(),
+    }
 
 
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -248,12 +244,12 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
             f"(class-balanced, drawn with seed {cfg.seed})"
         )
         train_source = SubsetSource(train_source, kept)
-    check_output_dir(cfg, accelerator)
 
     if head == "cnn":
         model = build_cnn(cfg.model.arch, num_classes)
     else:
         model, _ = build_student(cfg, id2label)
+    prepare_output_dir(cfg, accelerator, model, id2label)
     teacher = load_teacher(cfg, num_classes).to(accelerator.device) if head == "distill" else None
     a = cfg.aug
     train_set = LabeledImageDataset(
@@ -289,34 +285,9 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
             tau=d_cfg.tau,
         ).loss
 
-    @torch.no_grad()
     def evaluate(model: nn.Module, step: int, log) -> dict[str, float]:
-        """Top-1 / top-5 accuracy (%) and cross-entropy on the whole validation split."""
         loader = evaluation_loader(val_set, cfg, accelerator, collate_classification)
-        k = min(5, num_classes)
-        totals = torch.zeros(4, device=accelerator.device)  # (loss sum, top-1 hits, top-k hits, images)
-        for batch in loader:
-            if len(batch["index"]) == 0:
-                continue  # unreadable images, or this rank's empty share of the last batch
-            x, y = batch["pixel_values"].to(accelerator.device), batch["labels"].to(accelerator.device)
-            with accelerator.autocast():
-                logits = logits_of(model(x)).float()
-            topk = logits.topk(k, dim=-1).indices  # (B, k)
-            totals += torch.stack(
-                (
-                    F.cross_entropy(logits, y, reduction="sum"),
-                    (topk[:, 0] == y).sum().float(),
-                    (topk == y[:, None]).any(-1).sum().float(),
-                    torch.tensor(float(len(y)), device=y.device),
-                )
-            )
-        totals = accelerator.reduce(totals, "sum")
-        n = totals[3].clamp(min=1)
-        return {
-            "loss": (totals[0] / n).item(),
-            "top1": (100 * totals[1] / n).item(),
-            f"top{k}": (100 * totals[2] / n).item(),
-        }
+        return evaluate_classifier(model, loader, accelerator, num_classes)
 
     summary = train(
         cfg,
@@ -326,7 +297,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         collate_fn=collate_classification,
         loss_fn=loss_fn,
         evaluate=evaluate,
-        export=lambda m, directory: export_classifier(m, directory, cfg, id2label),
+        export=lambda m, directory: export_model(m, directory, cfg, id2label),
         select_metric="top1",
         eval_each_epoch=True,
     )
@@ -334,37 +305,3 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         metrics = {"epochs": summary["history"], "best": summary["best"]}
         (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return summary
-
-
-def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:
-    """Export the newest (or a given) training checkpoint of a pretraining or fine-tuning run directory."""
-    import yaml
-
-    from simmim.config import PretrainConfig, config_from_dict
-    from simmim.pretrain import RUN_CONFIG, build_model, export_model
-
-    run_dir = Path(run_dir)
-    raw = yaml.safe_load((run_dir / RUN_CONFIG).read_text())
-    is_finetune = "distill" in raw
-    cfg = config_from_dict(FinetuneConfig if is_finetune else PretrainConfig, raw)
-    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir} holds no checkpoint (checkpoints/index.json)")
-    weights = read_state_dict(ckpt / "model.safetensors")
-    if not is_finetune:
-        model = build_model(cfg)
-        model.load_state_dict(weights)
-        export_model(model, Path(out), cfg)
-        return Path(out)
-    id2label = dict(enumerate(open_split(cfg, cfg.data.train_split).class_names))
-    if cfg.model.head == "cnn":
-        model = build_cnn(cfg.model.arch, len(id2label))
-    else:
-        cls = DeiTForImageClassification if cfg.model.head == "cls" else DeiTForImageClassificationWithTeacher
-        model = cls(DeiTConfig(**deit_config_kwargs(cfg.model), id2label=id2label))
-        if cfg.model.init != "scratch":
-            # The architecture came from the initial checkpoint: rebuild it from there.
-            model, _ = build_student(cfg, id2label)
-    model.load_state_dict(weights)
-    export_classifier(model, Path(out), cfg, id2label)
-    return Path(out)

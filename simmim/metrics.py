@@ -1,5 +1,6 @@
-"""Per-image reconstruction metrics for SimMIM: the masked L1 of the training loss, and MSE / PSNR in [0, 1]
-pixel space, on the masked and on the visible patches, plus a mean-colour baseline to compare against.
+"""Per-image reconstruction metrics for SimMIM: the masked L1 of the training loss (`masked_l1`, shared with
+the model), and MSE / PSNR in [0, 1] pixel space, on the masked and on the visible patches, plus a mean-colour
+baseline to compare against.
 
 Tensors are (B, C, H, W) in the normalised space ((x - mean) / std), masks (B, N) over the model's patch grid.
 """
@@ -11,31 +12,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from simmim.models.losses import masked_l1, patch_mask_to_pixels
+
+__all__ = ["PSNR_CAP", "masked_l1", "mean_fill_baseline", "patch_mask_to_pixels", "reconstruction_metrics"]
+
 # PSNR of a perfect reconstruction (mse == 0), where 10 * log10(1 / mse) is infinite.
 PSNR_CAP = 100.0
-
-
-def patch_mask_to_pixels(bool_masked_pos: Tensor, patch_size: int, height: int, width: int) -> Tensor:
-    """(B, N) patch mask, N = (H/p) * (W/p) in row-major order -> (B, 1, H, W) float pixel mask."""
-    B = bool_masked_pos.shape[0]
-    h, w = height // patch_size, width // patch_size
-    if bool_masked_pos.shape[1] != h * w:
-        raise ValueError(f"mask has {bool_masked_pos.shape[1]} patches, a {height}x{width} image {h}x{w}")
-    mask = bool_masked_pos.reshape(B, h, w).float()
-    # (B, h, w) -> (B, H, W), as Transformers' ViTForMaskedImageModeling
-    mask = mask.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
-    return mask.unsqueeze(1)
-
-
-def masked_l1(pixel_values: Tensor, reconstruction: Tensor, mask_pixels: Tensor) -> Tensor:
-    """(B,) mean |x - r| over the pixels where ``mask_pixels`` (B, 1, H, W) is 1: SimMIM's loss, per image.
-
-    As SimMIM / Transformers, the sum is divided by (mask pixel count + 1e-5) and by C, so an image
-    without masked pixels gives 0.
-    """
-    C = pixel_values.shape[1]
-    l1 = ((pixel_values - reconstruction).abs() * mask_pixels).sum(dim=(1, 2, 3))
-    return l1 / (mask_pixels.sum(dim=(1, 2, 3)) + 1e-5) / C
 
 
 def _masked_mse(a: Tensor, b: Tensor, mask_pixels: Tensor) -> Tensor:

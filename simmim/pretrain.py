@@ -5,55 +5,33 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from simmim.config import PretrainConfig, config_to_dict, deit_config_kwargs, save_config
+from simmim.config import PretrainConfig, new_deit
 from simmim.data import (
     LabeledImageDataset,
     MaskedImageDataset,
     collate_pretrain,
     eval_transform,
-    open_source,
     pretrain_transform,
 )
-from simmim.data.sources import SubsetSource, carve_split, random_subset
+from simmim.data.sources import open_split, random_subset
 from simmim.engine import evaluation_loader, make_accelerator, train
 from simmim.masking import MaskGenerator
-from simmim.models import DeiTConfig, DeiTForMaskedImageModeling, DeiTImageProcessor
+from simmim.models import DeiTForMaskedImageModeling
 from simmim.probe import OnlineProbe
 from simmim.run_log import RunLog
+from simmim.runs import export_model, prepare_output_dir
 from simmim.visualize import reconstruction_grid
 
-RUN_CONFIG = "config.yaml"
-EXPORT_CONFIG = "simmim_config.yaml"  # the resolved run config, embedded in every export
 GRID_IMAGES = 8
 
 
 def build_model(cfg: PretrainConfig) -> DeiTForMaskedImageModeling:
-    model = DeiTForMaskedImageModeling(DeiTConfig(**deit_config_kwargs(cfg.model)))
-    if cfg.model.position_embedding_init == "sincos":
-        model.deit.embeddings.init_sincos_position_embeddings()
-    return model
-
-
-def image_processor(image_size: int, mean, std) -> DeiTImageProcessor:
-    """The evaluation preprocessing as a `preprocessor_config.json`: resize to size/0.875, center crop."""
-    return DeiTImageProcessor(
-        size=round(image_size * 256 / 224), crop_size=image_size, image_mean=list(mean), image_std=list(std)
-    )
-
-
-def export_model(model: torch.nn.Module, directory: Path, cfg: Any) -> None:
-    """A Transformers-format directory: config.json, model.safetensors, preprocessor_config.json."""
-    model.save_pretrained(directory)
-    image_processor(cfg.model.image_size, cfg.data.mean, cfg.data.std).save_pretrained(directory)
-    save_config(cfg, directory / EXPORT_CONFIG)
+    return new_deit(DeiTForMaskedImageModeling, cfg.model)
 
 
 def mask_generator(cfg: PretrainConfig, mask_ratio: float | None = None) -> MaskGenerator:
@@ -65,55 +43,6 @@ def mask_generator(cfg: PretrainConfig, mask_ratio: float | None = None) -> Mask
     )
 
 
-def open_split(cfg: Any, split: str):
-    """The run's `split` ("train" or the validation split). With `data.holdout_from_train`, both come from
-    the train split: `val_fraction` of it, carved with `data.holdout_seed`, is the validation split."""
-    d = cfg.data
-    holdout = d.holdout_from_train and split in (d.train_split, d.val_split)
-    source = open_source(
-        d.path,
-        d.train_split if holdout else split,
-        image_column=d.image_column,
-        label_column=d.label_column,
-        streaming=d.streaming,
-        val_fraction=d.val_fraction,
-        seed=cfg.seed,
-        synthetic_size=d.synthetic_size,
-        synthetic_image_size=max(cfg.model.image_size, 32),
-    )
-    if holdout:
-        if source.is_streaming:
-            raise ValueError("data.holdout_from_train=true needs a map-style source, not data.streaming=true")
-        part = "train" if split == d.train_split else "validation"
-        source = SubsetSource(source, carve_split(len(source), part, d.val_fraction, d.holdout_seed))
-    return source
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in d.items():
-        flat.update(
-            _flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
-        )
-    return flat
-
-
-def check_output_dir(cfg: Any, accelerator: Accelerator) -> None:
-    """Write the resolved config (main process); a resumed run must not silently change it."""
-    out = Path(cfg.output_dir)
-    path = out / RUN_CONFIG
-    if accelerator.is_main_process:
-        if path.is_file() and (out / "checkpoints" / "index.json").is_file():
-            previous = _flatten(yaml.safe_load(path.read_text()) or {})
-            current = _flatten(config_to_dict(cfg))
-            changed = sorted(k for k in previous.keys() | current.keys() if previous.get(k) != current.get(k))
-            if changed:
-                print(f"warning: resuming {out} with a changed config: {', '.join(changed)}")
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, path)
-    accelerator.wait_for_everyone()
-
-
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain; writes checkpoints, logs and `output_dir/export`. Returns the engine's summary."""
     if cfg.data.streaming:
@@ -122,8 +51,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         )
     accelerator = make_accelerator(cfg.train.precision)
     set_seed(cfg.seed)
-    check_output_dir(cfg, accelerator)
     model = build_model(cfg)
+    prepare_output_dir(cfg, accelerator, model)
     masks = mask_generator(cfg)
     d = cfg.data
     train_set = MaskedImageDataset(

@@ -27,7 +27,7 @@ from simmim.masking import MaskGenerator
 from simmim.metrics import mean_fill_baseline, reconstruction_metrics
 from simmim.models import DeiTConfig, DeiTForMaskedImageModeling, DeiTImageProcessor
 from simmim.models.checkpoint import read_state_dict
-from simmim.pretrain import RUN_CONFIG, build_model
+from simmim.runs import EXPORT_CONFIG, RUN_CONFIG, read_run
 from simmim.visualize import reconstruction_grid
 
 METRICS = ("masked_l1", "masked_mse", "masked_psnr", "visible_l1", "visible_psnr")
@@ -49,17 +49,17 @@ def load_masked_image_model(path: str | Path) -> LoadedCheckpoint:
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {path} does not exist")
     if path.is_dir() and (path / RUN_CONFIG).is_file() and not (path / "config.json").is_file():
-        raw = yaml.safe_load((path / RUN_CONFIG).read_text())
-        if "distill" in raw:
+        run = read_run(path)
+        cfg = run.config
+        if run.kind != "pretrain":
             raise NotMaskedImageModelError(
-                f"{path} is a fine-tuning run ({raw.get('model', {}).get('head', 'cls')} head), not a masked-image "
+                f"{path} is a fine-tuning run ({cfg.model.head} head), not a masked-image "
                 "model; expected a SimMIM pretraining run or export"
             )
-        cfg = config_from_dict(PretrainConfig, raw)
         latest = latest_checkpoint(path)
         if latest is None:
             raise FileNotFoundError(f"{path} is a pretraining run without any checkpoint yet")
-        model = build_model(cfg)
+        model = run.new_model()
         model.load_state_dict(read_state_dict(latest / "model.safetensors"))
         return LoadedCheckpoint(model, cfg.data.mean, cfg.data.std, cfg, path)
 
@@ -81,10 +81,8 @@ def load_masked_image_model(path: str | Path) -> LoadedCheckpoint:
         processor = DeiTImageProcessor.from_pretrained(config_dir)
         mean, std = tuple(processor.image_mean), tuple(processor.image_std)
     run_cfg = None
-    if (config_dir / "simmim_config.yaml").is_file():
-        run_cfg = config_from_dict(
-            PretrainConfig, yaml.safe_load((config_dir / "simmim_config.yaml").read_text())
-        )
+    if (config_dir / EXPORT_CONFIG).is_file():
+        run_cfg = config_from_dict(PretrainConfig, yaml.safe_load((config_dir / EXPORT_CONFIG).read_text()))
     run_dir = config_dir.parent if (config_dir.parent / RUN_CONFIG).is_file() else None
     return LoadedCheckpoint(model, mean, std, run_cfg, run_dir)
 

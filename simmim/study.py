@@ -193,6 +193,44 @@ def load_spec(path: str | Path, output_dir: str | None = None) -> StudySpec:
     for key in ("output_dir", "data", "pretrain", "student", "arms"):
         if key not in raw:
             raise ValueError(f"{path}: {key!r} is required")
+    # Sections are read in this order so that a spec with several mistakes always reports the same one first.
+    arms = _arms(raw, path)
+    names = [a.name for a in arms]
+    fractions = {}
+    for key, value in (raw.get("fractions") or {}).items():
+        fractions[_fraction(key, f"{path}: fractions key")] = _strings(value, f"fractions[{key}]")
+    sweep = _sweep(raw, path)
+    comparisons = _comparisons(raw, names, path)
+    curve = _curve(raw, names, path)
+    probe = raw.get("probe") or []
+    if not isinstance(probe, list) or not all(isinstance(p, (str, int, float)) for p in probe):
+        raise ValueError(f"{path}: probe={probe!r}: expected a list of eval_probe.py arguments")
+    spec = StudySpec(
+        output_dir=output_dir or raw["output_dir"],
+        data=str(raw["data"]),
+        pretrain=raw["pretrain"],
+        student=raw["student"],
+        arms=arms,
+        teacher=raw.get("teacher"),
+        comparisons=comparisons,
+        fractions=fractions,
+        sweep=sweep,
+        curve=curve,
+        probe=tuple(str(p) for p in probe),
+        probe_goal=None if raw.get("probe_goal") is None else float(raw["probe_goal"]),
+        pretrain_overrides=_strings(raw.get("pretrain_overrides"), "pretrain_overrides"),
+        teacher_overrides=_strings(raw.get("teacher_overrides"), "teacher_overrides"),
+        student_overrides=_strings(raw.get("student_overrides"), "student_overrides"),
+        reconstruction_images=int(raw.get("reconstruction_images", 8)),
+    )
+    _check_spec(spec, path)
+    for stage in plan(spec, check=True):
+        stage.check()
+    return spec
+
+
+def _arms(raw: dict, path: Path) -> tuple[Arm, ...]:
+    """The spec's arms, each checked, with unique names and a settings_from that names a sweeping arm."""
     if not isinstance(raw["arms"], list) or not raw["arms"]:
         raise ValueError(f"{path}: arms={raw['arms']!r}, expected a non-empty list of arms")
     arms = tuple(_arm(a, f"{path}: arms[{i}]") for i, a in enumerate(raw["arms"]))
@@ -208,27 +246,29 @@ def load_spec(path: str | Path, output_dir: str | None = None) -> StudySpec:
                 f"{path}: arm {a.name}: settings_from={a.settings_from!r} must name a tuned arm "
                 "that runs its own sweep"
             )
+    return arms
 
-    fractions = {}
-    for key, value in (raw.get("fractions") or {}).items():
-        fractions[_fraction(key, f"{path}: fractions key")] = _strings(value, f"fractions[{key}]")
-    sweep = None
-    if raw.get("sweep") is not None:
-        s = raw["sweep"]
-        _keys(s, set(Sweep.__dataclass_fields__), f"{path}: sweep")
-        candidates = s.get("candidates")
-        if not isinstance(candidates, list) or len(candidates) < 2:
-            raise ValueError(
-                f"{path}: sweep.candidates={candidates!r}, expected a list of two or more settings"
-            )
-        sweep = Sweep(
-            candidates=tuple(_strings(c, f"sweep.candidates[{i}]") for i, c in enumerate(candidates)),
-            fraction=_fraction(s.get("fraction", 1.0), "sweep.fraction"),
-            holdout=float(s.get("holdout", 0.1)),
-            seed=int(s.get("seed", 0)),
-        )
-        if not 0 < sweep.holdout < 1:
-            raise ValueError(f"{path}: sweep.holdout={sweep.holdout}: expected a fraction in (0, 1)")
+
+def _sweep(raw: dict, path: Path) -> Sweep | None:
+    if raw.get("sweep") is None:
+        return None
+    s = raw["sweep"]
+    _keys(s, set(Sweep.__dataclass_fields__), f"{path}: sweep")
+    candidates = s.get("candidates")
+    if not isinstance(candidates, list) or len(candidates) < 2:
+        raise ValueError(f"{path}: sweep.candidates={candidates!r}, expected a list of two or more settings")
+    sweep = Sweep(
+        candidates=tuple(_strings(c, f"sweep.candidates[{i}]") for i, c in enumerate(candidates)),
+        fraction=_fraction(s.get("fraction", 1.0), "sweep.fraction"),
+        holdout=float(s.get("holdout", 0.1)),
+        seed=int(s.get("seed", 0)),
+    )
+    if not 0 < sweep.holdout < 1:
+        raise ValueError(f"{path}: sweep.holdout={sweep.holdout}: expected a fraction in (0, 1)")
+    return sweep
+
+
+def _comparisons(raw: dict, names: list[str], path: Path) -> tuple[Comparison, ...]:
     comparisons = []
     for i, c in enumerate(raw.get("comparisons") or []):
         where = f"{path}: comparisons[{i}]"
@@ -246,38 +286,25 @@ def load_spec(path: str | Path, output_dir: str | None = None) -> StudySpec:
                 allow=tuple(c.get("allow") or ()),
             )
         )
-    curve = None
-    if raw.get("curve") is not None:
-        c = raw["curve"]
-        _keys(c, set(Curve.__dataclass_fields__), f"{path}: curve")
-        if c.get("baseline") not in names or not all(a in names for a in c.get("arms") or [None]):
-            raise ValueError(f"{path}: curve={c!r}: baseline and arms must name arms")
-        curve = Curve(c["baseline"], tuple(c["arms"]), _fraction(c.get("fraction", 1.0), "curve.fraction"),
-                      int(c.get("seed", 0)))  # fmt: skip
-    probe = raw.get("probe") or []
-    if not isinstance(probe, list) or not all(isinstance(p, (str, int, float)) for p in probe):
-        raise ValueError(f"{path}: probe={probe!r}: expected a list of eval_probe.py arguments")
-    spec = StudySpec(
-        output_dir=output_dir or raw["output_dir"],
-        data=str(raw["data"]),
-        pretrain=raw["pretrain"],
-        student=raw["student"],
-        arms=arms,
-        teacher=raw.get("teacher"),
-        comparisons=tuple(comparisons),
-        fractions=fractions,
-        sweep=sweep,
-        curve=curve,
-        probe=tuple(str(p) for p in probe),
-        probe_goal=None if raw.get("probe_goal") is None else float(raw["probe_goal"]),
-        pretrain_overrides=_strings(raw.get("pretrain_overrides"), "pretrain_overrides"),
-        teacher_overrides=_strings(raw.get("teacher_overrides"), "teacher_overrides"),
-        student_overrides=_strings(raw.get("student_overrides"), "student_overrides"),
-        reconstruction_images=int(raw.get("reconstruction_images", 8)),
-    )
-    if any(a.head == "distill" for a in arms) and not spec.teacher:
+    return tuple(comparisons)
+
+
+def _curve(raw: dict, names: list[str], path: Path) -> Curve | None:
+    if raw.get("curve") is None:
+        return None
+    c = raw["curve"]
+    _keys(c, set(Curve.__dataclass_fields__), f"{path}: curve")
+    if c.get("baseline") not in names or not all(a in names for a in c.get("arms") or [None]):
+        raise ValueError(f"{path}: curve={c!r}: baseline and arms must name arms")
+    return Curve(c["baseline"], tuple(c["arms"]), _fraction(c.get("fraction", 1.0), "curve.fraction"),
+                 int(c.get("seed", 0)))  # fmt: skip
+
+
+def _check_spec(spec: StudySpec, path: Path) -> None:
+    """The checks across sections: the teacher, the data, the snapshots, and every comparison's fairness."""
+    if any(a.head == "distill" for a in spec.arms) and not spec.teacher:
         raise ValueError(f"{path}: a distilled arm needs a 'teacher' recipe")
-    for a in arms:
+    for a in spec.arms:
         if spec.sweep is not None and a.head == "distill" and a.tune and a.settings_from is None:
             raise ValueError(
                 f"{path}: arm {a.name}: a distilled arm cannot run its own sweep (its teacher saw the "
@@ -286,7 +313,7 @@ def load_spec(path: str | Path, output_dir: str | None = None) -> StudySpec:
     if spec.data != "synthetic" and not Path(spec.data).exists():
         raise FileNotFoundError(f"{path}: data={spec.data!r} does not exist")
     snapshots = pretrain_config(spec).train.snapshot_epochs
-    for a in arms:
+    for a in spec.arms:
         if a.pretrain_epoch is not None and a.pretrain_epoch not in snapshots:
             raise ValueError(
                 f"{path}: arm {a.name}: pretrain_epoch={a.pretrain_epoch} is not one of the pretraining's "
@@ -316,9 +343,6 @@ def load_spec(path: str | Path, output_dir: str | None = None) -> StudySpec:
                 )
             if name != k.baseline:
                 check_fair(spec, Comparison(name, k.baseline, k.fraction, None))
-    for stage in plan(spec, check=True):
-        stage.check()
-    return spec
 
 
 def pretrain_config(spec: StudySpec) -> PretrainConfig:
@@ -468,26 +492,24 @@ def _student_overrides(spec: StudySpec, arm: Arm, fraction: float, seed: int) ->
     return [*overrides, *spec.student_overrides, *spec.fractions.get(fraction, ()), *arm.overrides]
 
 
-def plan(spec: StudySpec, check: bool = False) -> list[Stage]:
-    """The study's runs in order: pretraining, its evaluations, the teacher, the sweeps, then the arms
-    seed by seed (every arm's first seed before any second seed, so an early look covers every arm), in
-    each round the smallest label fraction first.
-
-    A run whose settings wait for a sweep is `pending` and shows the first candidate; with `check`, the
-    stages for every candidate are returned, so that load_spec validates them all."""
+def _training(
+    spec: StudySpec, name: str, script: str, cls: type, recipe: str, overrides: list[str], pending=False
+) -> Stage:
+    """A training run of `script` on the study's data, writing the stage directory `name`."""
     out = Path(spec.output_dir)
-    data = f"data.path={spec.data}"
+    overrides = [f"data.path={spec.data}", *overrides, f"output_dir={out / name}"]
+    return Stage(
+        name, script, ["--recipe", recipe, *overrides], out / name, (cls, recipe, overrides), pending
+    )
 
-    def training(
-        name: str, script: str, cls: type, recipe: str, overrides: list[str], pending=False
-    ) -> Stage:
-        overrides = [data, *overrides, f"output_dir={out / name}"]
-        return Stage(
-            name, script, ["--recipe", recipe, *overrides], out / name, (cls, recipe, overrides), pending
-        )
 
+def _pretraining_stages(spec: StudySpec) -> list[Stage]:
+    """Pretraining, the reconstruction and probes of its final encoder, and a probe of every snapshot."""
+    out = Path(spec.output_dir)
     stages = [
-        training("pretrain", "pretrain.py", PretrainConfig, spec.pretrain, list(spec.pretrain_overrides)),
+        _training(
+            spec, "pretrain", "pretrain.py", PretrainConfig, spec.pretrain, list(spec.pretrain_overrides)
+        ),
         Stage(
             "reconstruction",
             "eval_reconstruction.py",
@@ -529,44 +551,58 @@ def plan(spec: StudySpec, check: bool = False) -> list[Stage]:
                 out / f"probe_e{epoch}",
             )  # fmt: skip
         )
-    if spec.teacher:
-        stages.append(
-            training(
-                "teacher",
-                "finetune.py",
-                FinetuneConfig,
-                spec.teacher,
-                ["model.head=cnn", *spec.teacher_overrides],
-            )
-        )
-        stages.append(
-            Stage(
-                "teacher_final",
-                "export.py",
-                [str(out / "teacher"), "--out", str(out / "teacher" / "final")],
-                out / "teacher" / "final",
-            )  # fmt: skip
-        )
-    if spec.sweep is not None:
-        s = spec.sweep
-        carve = [
-            "data.holdout_from_train=true",
-            f"data.val_fraction={s.holdout:g}",
-            f"data.holdout_seed={s.seed}",
-        ]
-        for arm in spec.arms:
-            if arm.tune and arm.settings_from is None:
-                for i, candidate in enumerate(s.candidates):
-                    overrides = [*_student_overrides(spec, arm, s.fraction, s.seed), *candidate, *carve]
-                    stages.append(
-                        training(
-                            f"{arm.name}_sweep{i}", "finetune.py", FinetuneConfig, spec.student, overrides
-                        )
+    return stages
+
+
+def _teacher_stages(spec: StudySpec) -> list[Stage]:
+    """The CNN teacher and the export of its last weights, which the distilled arms read."""
+    out = Path(spec.output_dir)
+    return [
+        _training(
+            spec,
+            "teacher",
+            "finetune.py",
+            FinetuneConfig,
+            spec.teacher,
+            ["model.head=cnn", *spec.teacher_overrides],
+        ),
+        Stage(
+            "teacher_final",
+            "export.py",
+            [str(out / "teacher"), "--out", str(out / "teacher" / "final")],
+            out / "teacher" / "final",
+        ),
+    ]
+
+
+def _sweep_stages(spec: StudySpec) -> list[Stage]:
+    """Every candidate of the sweep for every arm that runs its own, judged on a carve of the train split."""
+    s = spec.sweep
+    carve = [
+        "data.holdout_from_train=true",
+        f"data.val_fraction={s.holdout:g}",
+        f"data.holdout_seed={s.seed}",
+    ]
+    stages = []
+    for arm in spec.arms:
+        if arm.tune and arm.settings_from is None:
+            for i, candidate in enumerate(s.candidates):
+                overrides = [*_student_overrides(spec, arm, s.fraction, s.seed), *candidate, *carve]
+                stages.append(
+                    _training(
+                        spec, f"{arm.name}_sweep{i}", "finetune.py", FinetuneConfig, spec.student, overrides
                     )
+                )
+    return stages
+
+
+def _arm_stages(spec: StudySpec, check: bool) -> list[Stage]:
+    """Every arm's run at each label fraction and seed, with its sweep's choice (see `plan`)."""
     runs = [(arm, f, seed) for arm in spec.arms for f in arm.fractions for seed in arm.seeds]
     # Round by round (every arm's first seed before any second), the smallest label fraction first and the
     # arms of one fraction together: a study stopped early leaves whole comparisons, the cheapest ones.
     order = sorted(range(len(runs)), key=lambda i: (runs[i][0].seeds.index(runs[i][2]), runs[i][1], i))
+    stages = []
     for i in order:
         arm, fraction, seed = runs[i]
         chosen = chosen_candidate(spec, arm)
@@ -576,7 +612,8 @@ def plan(spec: StudySpec, check: bool = False) -> list[Stage]:
                 candidate = spec.sweep.candidates[0]
             overrides = [*_student_overrides(spec, arm, fraction, seed), *candidate]
             stages.append(
-                training(
+                _training(
+                    spec,
                     run_name(arm, fraction, seed),
                     "finetune.py",
                     FinetuneConfig,
@@ -586,6 +623,21 @@ def plan(spec: StudySpec, check: bool = False) -> list[Stage]:
                 )  # fmt: skip
             )
     return stages
+
+
+def plan(spec: StudySpec, check: bool = False) -> list[Stage]:
+    """The study's runs in order: pretraining, its evaluations, the teacher, the sweeps, then the arms
+    seed by seed (every arm's first seed before any second seed, so an early look covers every arm), in
+    each round the smallest label fraction first.
+
+    A run whose settings wait for a sweep is `pending` and shows the first candidate; with `check`, the
+    stages for every candidate are returned, so that load_spec validates them all."""
+    stages = _pretraining_stages(spec)
+    if spec.teacher:
+        stages += _teacher_stages(spec)
+    if spec.sweep is not None:
+        stages += _sweep_stages(spec)
+    return stages + _arm_stages(spec, check)
 
 
 class StageFailed(RuntimeError):
@@ -841,9 +893,32 @@ def write_report(spec: StudySpec) -> Path:
     if not r["complete"]:
         lines += [f"**Partial: {r['stages_done']} of {r['stages']} stages have run.** Missing runs are shown as "
                   "'not run'; a mean over fewer seeds says so in its seed count.", ""]  # fmt: skip
+    lines += _arms_table(spec, r)
+    lines += _comparison_lines(r)
+    if "sweep" in r:
+        lines += _sweep_table(r["sweep"])
+    if r.get("curve"):
+        lines += _curve_table(spec.curve, r["curve"])
+    if "probe" in r["probes"]:
+        lines += _probe_table(r["probes"]["probe"], spec.probe_goal)
+    if "reconstruction" in r:
+        lines += _reconstruction_line(r["reconstruction"])
+    if "teacher" in r:
+        lines += ["", f"CNN teacher: top-1 {r['teacher']['top1']:.2f}."]
+    t = r["stage_seconds"]
+    lines += ["", "| Stage | Minutes |", "|---|---|", *(f"| {n} | {s / 60:.1f} |" for n, s in t.items()),
+              f"| **total** | **{sum(t.values()) / 60:.1f}** |", ""]  # fmt: skip
+    lines += [*_figures(spec, r, out), ""]
+    path = out / "results.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _arms_table(spec: StudySpec, r: dict[str, Any]) -> list[str]:
+    """One row per arm, one column per label fraction: mean ± std over seeds, and each seed's top-1."""
     fractions = sorted({f for a in spec.arms for f in a.fractions}, reverse=True)
-    lines += ["| Arm | Init | Head | " + " | ".join(f"{percent(f)}% labels" for f in fractions) + " |",
-              "|---|---|---|" + "---|" * len(fractions)]  # fmt: skip
+    lines = ["| Arm | Init | Head | " + " | ".join(f"{percent(f)}% labels" for f in fractions) + " |",
+             "|---|---|---|" + "---|" * len(fractions)]  # fmt: skip
     for arm in r["arms"].values():
         cells = []
         for f in fractions:
@@ -858,6 +933,12 @@ def write_report(spec: StudySpec) -> Path:
         lines.append(f"| {arm['label']} | {init} | {arm['head']} | " + " | ".join(cells) + " |")
     lines += ["", "Top-1 (%) on the whole validation split at the last epoch, mean ± sample standard deviation "
               "over seeds (n), each seed's value in brackets.", ""]  # fmt: skip
+    return lines
+
+
+def _comparison_lines(r: dict[str, Any]) -> list[str]:
+    """One line per comparison: its gap against the goal and the seeds' spread, and its settings."""
+    lines = []
     for c, setting in zip(r["comparisons"], r["comparison_settings"]):
         verdict = "no goal set" if c["met"] is None else "met" if c["met"] else "not met"
         goal = "no goal" if c["expected"] is None else f"expected ≥ {c['expected']:+.1f}"
@@ -868,66 +949,77 @@ def write_report(spec: StudySpec) -> Path:
             f"- {r['arms'][c['arm']]['label']} − {r['arms'][c['baseline']]['label']} at {percent(c['fraction'])}% "
             f"labels: **{c['gap']:+.2f}** points ({goal}, {spread}; per seed {paired or 'none'}): {verdict}. Settings: {setting.split(' differ in: ', 1)[1]}"
         )
-    if "sweep" in r:
-        s = r["sweep"]
-        lines += ["", f"Sweep (at {percent(s['fraction'])}% labels, trained on the train split minus a held-out "
-                  f"{s['holdout']:.0%}, judged on that carve; the validation split is never read):", "",
-                  "| Arm | " + " | ".join(" ".join(c) for c in s["candidates"]) + " | chosen |",
-                  "|---|" + "---|" * (len(s["candidates"]) + 1)]  # fmt: skip
-        for name, a in s["arms"].items():
-            scores = " | ".join("not run" if v is None else f"{v:.2f}" for v in a["carve_top1"])
-            chosen = " ".join(a["chosen"]) if a["chosen"] is not None else "pending"
-            lines.append(f"| {name} | {scores} | {chosen} |")
-    if r.get("curve"):
-        lines += ["", f"Pretraining length (seed {spec.curve.seed}, {percent(spec.curve.fraction)}% labels; epoch 0 = "
-                  "random init):", "", "| Pretraining epochs | Fine-tune top-1 | Gain over scratch | kNN top-1 "
-                  "(last / best block) | Linear top-1 (last / best block) |", "|---|---|---|---|---|"]  # fmt: skip
-        for p in r["curve"]:
-            top1 = "not run" if p["top1"] is None else f"{p['top1']:.2f}"
-            gain = "" if p["gain"] is None else f"{p['gain']:+.2f}"
-            knn, linear = (_probe_cell(p["probe"], name) for name in ("knn", "linear"))
-            lines.append(f"| {p['epoch']} | {top1} | {gain} | {knn} | {linear} |")
-    if "probe" in r["probes"]:
-        m = r["probes"]["probe"]
-        lines += ["", f"Probes of the final encoder ({m['train_images']} train / {m['val_images']} validation images, "
-                  f"{m['pool']} pooling), top-1 (%) by block:", "",
-                  "| Block | kNN | kNN, random init | Linear | Linear, random init |", "|---|---|---|---|---|"]  # fmt: skip
-        for layer in map(str, m["layers"]):
-            row = [
-                m.get(w, {}).get(p, {}).get(layer, {}).get("top1")
-                for p in ("knn", "linear")
-                for w in ("encoder", "random_init")
-            ]
-            lines.append(f"| {layer} | " + " | ".join("" if v is None else f"{v:.2f}" for v in row) + " |")
-        if "random_init" in m and "knn" in m["encoder"]:
-            gains = {
-                k: m["encoder"]["knn"][k]["top1"] - m["random_init"]["knn"][k]["top1"]
-                for k in m["encoder"]["knn"]
-            }
-            best = max(gains, key=gains.get)
-            goal = (
-                ""
-                if spec.probe_goal is None
-                else (
-                    f" (expected ≥ {spec.probe_goal:+.1f}: {'met' if gains[best] >= spec.probe_goal else 'not met'})"
-                )
-            )
-            lines += [
-                "",
-                f"- kNN probe, encoder − random init: **{gains[best]:+.2f}** points at block {best} (the "
-                f"largest gain), {gains[max(gains, key=int)]:+.2f} at the last block{goal}",
-            ]
-    if "reconstruction" in r:
-        rec, base = r["reconstruction"], r["reconstruction"]["baselines"]
-        lines += ["", f"Reconstruction of the pretrained model on {rec['num_images']} validation images (mask ratio "
-                  f"{rec['mask_ratio']}, mask patch {rec['mask_patch_size']} px): masked L1 {rec['masked_l1']:.4f} "
-                  f"(mean-colour fill {base['mean_fill']['masked_l1']:.4f}, random init "
-                  f"{base['random_init']['masked_l1']:.4f})."]  # fmt: skip
-    if "teacher" in r:
-        lines += ["", f"CNN teacher: top-1 {r['teacher']['top1']:.2f}."]
-    t = r["stage_seconds"]
-    lines += ["", "| Stage | Minutes |", "|---|---|", *(f"| {n} | {s / 60:.1f} |" for n, s in t.items()),
-              f"| **total** | **{sum(t.values()) / 60:.1f}** |", ""]  # fmt: skip
+    return lines
+
+
+def _sweep_table(s: dict[str, Any]) -> list[str]:
+    """Each tuned arm's carve top-1 for every candidate, and the candidate chosen."""
+    lines = ["", f"Sweep (at {percent(s['fraction'])}% labels, trained on the train split minus a held-out "
+             f"{s['holdout']:.0%}, judged on that carve; the validation split is never read):", "",
+             "| Arm | " + " | ".join(" ".join(c) for c in s["candidates"]) + " | chosen |",
+             "|---|" + "---|" * (len(s["candidates"]) + 1)]  # fmt: skip
+    for name, a in s["arms"].items():
+        scores = " | ".join("not run" if v is None else f"{v:.2f}" for v in a["carve_top1"])
+        chosen = " ".join(a["chosen"]) if a["chosen"] is not None else "pending"
+        lines.append(f"| {name} | {scores} | {chosen} |")
+    return lines
+
+
+def _curve_table(curve: Curve, points: list[dict[str, Any]]) -> list[str]:
+    """Fine-tune top-1, its gain and the probes at each pretraining length (see `pretraining_curve`)."""
+    lines = ["", f"Pretraining length (seed {curve.seed}, {percent(curve.fraction)}% labels; epoch 0 = "
+             "random init):", "", "| Pretraining epochs | Fine-tune top-1 | Gain over scratch | kNN top-1 "
+             "(last / best block) | Linear top-1 (last / best block) |", "|---|---|---|---|---|"]  # fmt: skip
+    for p in points:
+        top1 = "not run" if p["top1"] is None else f"{p['top1']:.2f}"
+        gain = "" if p["gain"] is None else f"{p['gain']:+.2f}"
+        knn, linear = (_probe_cell(p["probe"], name) for name in ("knn", "linear"))
+        lines.append(f"| {p['epoch']} | {top1} | {gain} | {knn} | {linear} |")
+    return lines
+
+
+def _probe_table(m: dict[str, Any], probe_goal: float | None) -> list[str]:
+    """The final encoder's kNN and linear top-1 by block beside random init's, and the kNN gain."""
+    lines = ["", f"Probes of the final encoder ({m['train_images']} train / {m['val_images']} validation images, "
+             f"{m['pool']} pooling), top-1 (%) by block:", "",
+             "| Block | kNN | kNN, random init | Linear | Linear, random init |", "|---|---|---|---|---|"]  # fmt: skip
+    for layer in map(str, m["layers"]):
+        row = [
+            m.get(w, {}).get(p, {}).get(layer, {}).get("top1")
+            for p in ("knn", "linear")
+            for w in ("encoder", "random_init")
+        ]
+        lines.append(f"| {layer} | " + " | ".join("" if v is None else f"{v:.2f}" for v in row) + " |")
+    if "random_init" in m and "knn" in m["encoder"]:
+        gains = {
+            k: m["encoder"]["knn"][k]["top1"] - m["random_init"]["knn"][k]["top1"]
+            for k in m["encoder"]["knn"]
+        }
+        best = max(gains, key=gains.get)
+        goal = (
+            ""
+            if probe_goal is None
+            else f" (expected ≥ {probe_goal:+.1f}: {'met' if gains[best] >= probe_goal else 'not met'})"
+        )
+        lines += [
+            "",
+            f"- kNN probe, encoder − random init: **{gains[best]:+.2f}** points at block {best} (the "
+            f"largest gain), {gains[max(gains, key=int)]:+.2f} at the last block{goal}",
+        ]
+    return lines
+
+
+def _reconstruction_line(rec: dict[str, Any]) -> list[str]:
+    """The pretrained model's masked L1 beside its two baselines."""
+    base = rec["baselines"]
+    return ["", f"Reconstruction of the pretrained model on {rec['num_images']} validation images (mask ratio "
+            f"{rec['mask_ratio']}, mask patch {rec['mask_patch_size']} px): masked L1 {rec['masked_l1']:.4f} "
+            f"(mean-colour fill {base['mean_fill']['masked_l1']:.4f}, random init "
+            f"{base['random_init']['masked_l1']:.4f})."]  # fmt: skip
+
+
+def _figures(spec: StudySpec, r: dict[str, Any], out: Path) -> list[str]:
+    """Draw the plots the study has data for; returns their Markdown image lines."""
     figures = []
     if any(runs["top1"] for a in r["arms"].values() for runs in a["fractions"].values()):
         plot_label_efficiency(spec, r, out / "label_efficiency.png")
@@ -940,10 +1032,7 @@ def write_report(spec: StudySpec) -> Path:
         figures.append("![pretraining loss](pretraining.png)")
     if (out / "probe" / "probe.png").is_file():
         figures.append("![probe top-1 by block](probe/probe.png)")
-    lines += [*figures, ""]
-    path = out / "results.md"
-    path.write_text("\n".join(lines))
-    return path
+    return figures
 
 
 def _pyplot():

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torchvision.utils import make_grid
 
-from simmim.metrics import patch_mask_to_pixels
+from simmim.models.losses import patch_mask_to_pixels
 
 GREY = 0.5  # colour of masked patches in the "masked input" column
 

@@ -11,6 +11,28 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The suite's tiny DeiT: 32 px images of 8-px patches (a 4 x 4 grid), 2 blocks 32 wide with 4 heads.
+TINY_ARCH = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    image_size=32,
+    patch_size=8,
+)
+# ... as `model.key=value` overrides of scripts/pretrain.py and scripts/finetune.py.
+TINY_MODEL = [f"model.{k}={v}" for k, v in TINY_ARCH.items()]
+
+
+def tiny_data(synthetic_size: int = 128, batch_size: int = 16) -> list[str]:
+    """`data.` overrides for the built-in synthetic images, read in the main process (no workers)."""
+    return [
+        "data.path=synthetic",
+        f"data.synthetic_size={synthetic_size}",
+        f"data.batch_size={batch_size}",
+        "data.num_workers=0",
+    ]
+
 
 @torch.no_grad()
 def fill_random(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:

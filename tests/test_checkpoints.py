@@ -9,7 +9,7 @@ import pathlib
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import fill_random, max_diff
+from helpers import TINY_ARCH, fill_random, max_diff
 from safetensors.torch import load_file, save_file
 
 from simmim.models import (
@@ -44,16 +44,7 @@ OUTPUTS = {
         "attentions",
     },
 }
-TINY = dict(
-    image_size=32,
-    patch_size=8,
-    encoder_stride=8,
-    num_hidden_layers=2,
-    hidden_size=32,
-    num_attention_heads=4,
-    intermediate_size=64,
-    num_labels=5,
-)
+TINY = dict(TINY_ARCH, encoder_stride=8, num_labels=5)
 
 
 def tiny_config(**overrides) -> DeiTConfig:
@@ -389,6 +380,17 @@ def test_image_size_override_resizes_position_embeddings(tmp_path):
     assert max_diff(new[0, 2:], expected.reshape(64, 32)) <= 1e-6
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 3, 64, 64)).logits.shape == (1, 10)
+
+
+def test_loading_at_another_size_equals_running_at_it(tmp_path):
+    """The position embeddings resized once at load time are those resized at every call with
+    `interpolate_pos_encoding`: the same model either way."""
+    model = fill_random(DeiTForImageClassification(tiny_config())).eval()
+    model.save_pretrained(tmp_path)
+    resized = DeiTForImageClassification.from_pretrained(tmp_path, image_size=48).eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(resized(x).logits, model(x, interpolate_pos_encoding=True).logits)
 
 
 def test_saved_config_names_the_architecture(tmp_path):

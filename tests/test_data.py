@@ -647,7 +647,7 @@ def test_collate_keys_and_skipped_count():
 
 def test_holdout_from_train_carves_both_splits_from_train_without_overlap(tmp_path):
     from simmim.config import FinetuneConfig, load_config
-    from simmim.pretrain import open_split
+    from simmim.data.sources import open_split
 
     for c in range(2):  # train/ and val/ class folders: the carve must ignore val/
         for split, count in (("train", 10), ("val", 3)):

@@ -8,22 +8,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import TINY_MODEL, tiny_data
 from helpers import run_script as run
 from PIL import Image
 
 from simmim.models import DeiTConfig, DeiTForImageClassification
 
 PRETRAIN = [
-    "data.path=synthetic",
-    "data.synthetic_size=128",
-    "data.batch_size=16",
-    "data.num_workers=0",
-    "model.hidden_size=32",
-    "model.num_hidden_layers=2",
-    "model.num_attention_heads=4",
-    "model.intermediate_size=64",
-    "model.image_size=32",
-    "model.patch_size=8",
+    *tiny_data(),
+    *TINY_MODEL,
     "mask.patch_size=16",
     "train.max_steps=4",
     "train.save_every_steps=4",

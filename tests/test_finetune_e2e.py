@@ -8,18 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_ARCH, TINY_MODEL, tiny_data
 from helpers import run_script as run
 
 from simmim.models import DeiTConfig, DeiTForImageClassification, DeiTForMaskedImageModeling
 
-ARCH = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_size=8)
+ARCH = {k: v for k, v in TINY_ARCH.items() if k != "image_size"}
 TINY = [
-    "data.path=synthetic",
-    "data.synthetic_size=128",
-    "data.batch_size=16",
-    "data.num_workers=0",
-    *(f"model.{k}={v}" for k, v in ARCH.items()),
-    "model.image_size=32",
+    *tiny_data(),
+    *TINY_MODEL,
     "optim.base_lr=1e-2",
     "optim.warmup_epochs=0.5",
     "optim.layer_decay=0.75",

@@ -1,5 +1,6 @@
 """DeiTImageProcessor against Transformers' PIL processor (the reference pipeline: PIL bicubic resize, center
-crop, rescale, normalise) and its torchvision one, plus a hand-worked example and the config file."""
+crop, rescale, normalise) and its torchvision one, plus a hand-worked example, the config file, and the
+exported evaluation processor against the validation transform."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import PIL.Image
 import pytest
 import torch
 
+from simmim.data import eval_transform
 from simmim.models import DeiTImageProcessor
+from simmim.models.image_processor import eval_image_processor, eval_resize_size
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -114,7 +117,9 @@ def test_call_overrides_and_bad_arguments():
     with pytest.raises(ValueError, match="resample"):
         DeiTImageProcessor(resample=9)
     with pytest.raises(ValueError, match="shortest_edge"):
-        DeiTImageProcessor(size={"shortest_edge": 256})
+        DeiTImageProcessor(crop_size={"shortest_edge": 256})  # a crop has both sides
+    with pytest.raises(ValueError, match="longest_edge"):
+        DeiTImageProcessor(size={"longest_edge": 256})
 
 
 def test_config_round_trip_with_transformers(tmp_path):
@@ -145,3 +150,37 @@ def test_config_round_trip_with_transformers(tmp_path):
     ours = DeiTImageProcessor.from_pretrained(tmp_path / "theirs")
     assert ours.do_center_crop is False and ours.size == {"height": 72, "width": 72}
     assert ours.image_mean == IMAGENET_MEAN and ours.image_std == IMAGENET_STD
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+EVAL_SIZES = [32, 48, 64, 96, 160, 224, 384]
+
+
+def test_eval_resize_size_is_timms_floor_rule():
+    # floor(size / (224 / 256)) by hand: 36.57, 54.86, 73.14, 109.71, 182.86, 256, 438.86
+    assert [eval_resize_size(s) for s in EVAL_SIZES] == [36, 54, 73, 109, 182, 256, 438]
+    assert eval_resize_size(32, crop_pct=1.0) == 32
+    assert eval_resize_size(14, crop_pct=0.28) == 50  # 14 / 0.28 is 49.99999999999999 in floating point
+
+
+def test_shortest_edge_keeps_the_aspect_ratio():
+    """{"shortest_edge": 40}: a 60x100 image becomes 40 x int(40 * 100 / 60) = 40x66, a 100x60 one 66x40."""
+    processor = DeiTImageProcessor(size={"shortest_edge": 40}, do_center_crop=False)
+    assert processor(PIL.Image.fromarray(random_rgb(60, 100)))["pixel_values"].shape == (1, 3, 40, 66)
+    assert processor(torch.zeros(3, 100, 60, dtype=torch.uint8))["pixel_values"].shape == (1, 3, 66, 40)
+
+
+@pytest.mark.parametrize("image_size", [*EVAL_SIZES, (48, 32)])
+def test_exported_processor_gives_the_validation_pixels(image_size, tmp_path):
+    """What predict.py sees is what validation saw: the saved and reloaded evaluation processor and
+    `eval_transform` give identical float32 pixels on non-square images, landscape and portrait, reduced
+    or enlarged, with odd sides."""
+    eval_image_processor(image_size, IMAGENET_MEAN, IMAGENET_STD).save_pretrained(tmp_path)
+    processor = DeiTImageProcessor.from_pretrained(tmp_path)
+    transform = eval_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    crop = (image_size, image_size) if isinstance(image_size, int) else image_size
+    for seed, (height, width) in enumerate([(280, 300), (517, 389), (crop[0] + 3, 2 * crop[1] + 1)]):
+        image = PIL.Image.fromarray(random_rgb(height, width, seed))
+        expected = transform(image)
+        assert expected.shape == (3, *crop)
+        assert torch.equal(processor(image)["pixel_values"][0], expected), (height, width)

@@ -1,11 +1,12 @@
-"""Classification and DeiT distillation losses against values worked out with plain Python math."""
+"""SimMIM's masked L1, classification and DeiT distillation losses against values worked out with plain
+Python math."""
 
 import math
 
 import pytest
 import torch
 
-from simmim.losses import classification_loss, distillation_loss
+from simmim.models.losses import classification_loss, distillation_loss, masked_l1
 
 LOGITS = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
 DISTILL_LOGITS = [[0.2, -0.3, 1.5], [2.0, 0.1, -0.4]]
@@ -113,3 +114,16 @@ def test_no_gradient_into_the_teacher_and_bad_kind():
     assert teacher.grad is None and cls_logits.grad is not None and distill_logits.grad is not None
     with pytest.raises(ValueError, match="kind"):
         distillation_loss(t(LOGITS), t(DISTILL_LOGITS), t(LABELS), t(TEACHER), kind="medium")
+
+
+def test_masked_l1_per_image_and_over_the_batch():
+    """|x - r| is 1 in image 0 and 3 in image 1, one channel; the mask covers 4 pixels of image 0 and 2 of
+    image 1. Per image: 4/4 and 6/2; over the batch the sums are pooled, (4 + 6) / (4 + 2), not the mean of 1
+    and 3. Both with the 1e-5 in the count; an image without masked pixels gives 0."""
+    x = torch.zeros(3, 1, 2, 2)
+    r = torch.stack([torch.full((1, 2, 2), 1.0), torch.full((1, 2, 2), -3.0), torch.full((1, 2, 2), 5.0)])
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 0, 0, 1], [0, 0, 0, 0]]).view(3, 1, 2, 2)
+    assert masked_l1(x, r, mask).tolist() == pytest.approx([4 / (4 + 1e-5), 6 / (2 + 1e-5), 0.0])
+    assert masked_l1(x, r, mask, over_batch=True).item() == pytest.approx(10 / (6 + 1e-5))
+    three_channels = masked_l1(x.expand(3, 3, 2, 2), r.expand(3, 3, 2, 2), mask, over_batch=True)
+    assert three_channels.item() == pytest.approx(30 / (6 + 1e-5) / 3)  # divided by C

@@ -5,12 +5,14 @@ where Transformers has the feature, against Transformers on the same random weig
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import fill_random, max_diff
+from helpers import ROOT, TINY_ARCH, fill_random, max_diff, script_env
 
 from simmim.models import (
     DeiTConfig,
@@ -30,17 +32,7 @@ CLASSES = {
 
 
 def tiny_config(**overrides) -> DeiTConfig:
-    values = dict(
-        image_size=32,
-        patch_size=8,
-        encoder_stride=8,
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=5,
-    )
-    return DeiTConfig(**{**values, **overrides})
+    return DeiTConfig(**{**TINY_ARCH, "encoder_stride": 8, "num_labels": 5, **overrides})
 
 
 def simmim_loss_by_loops(x: np.ndarray, rec: np.ndarray, mask: np.ndarray, p: int) -> float:
@@ -396,3 +388,23 @@ def test_sincos_position_embeddings_are_maes_table_and_stay_trainable():
     assert np.all(table[: emb.num_prefix_tokens] == 0)
     np.testing.assert_allclose(table[emb.num_prefix_tokens :], mae_2d_sincos(table.shape[1], 4, 6), atol=1e-6)
     assert emb.position_embeddings.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------- packaging
+def test_models_package_imports_nothing_else_from_simmim():
+    """simmim.models can be copied into another project: importing it and every module in it loads no
+    simmim module outside simmim.models."""
+    code = (
+        "import importlib, pkgutil, sys, simmim.models\n"
+        "for m in pkgutil.iter_modules(simmim.models.__path__):\n"
+        "    importlib.import_module(f'simmim.models.{m.name}')\n"
+        "print(' '.join(sorted(n for n in sys.modules if n.split('.')[0] == 'simmim')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = result.stdout.split()
+    assert "simmim.models.deit" in loaded and "simmim.models.losses" in loaded
+    outside = [n for n in loaded if n != "simmim" and n.split(".")[:2] != ["simmim", "models"]]
+    assert outside == []

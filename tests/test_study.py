@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, script_env
+from helpers import ROOT, TINY_ARCH, script_env
 from helpers import run_script as run
 
 from simmim.study import describe_comparisons, load_spec, plan, run_study
 
-ARCH = {"variant": "tiny", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
-ARCH |= {"intermediate_size": 64, "image_size": 32, "patch_size": 8}
+ARCH = {"variant": "tiny", **TINY_ARCH}
 DATA = {"path": "synthetic", "synthetic_size": 64, "batch_size": 16, "num_workers": 0}
 OPTIM = {"base_lr": 1.6e-2, "min_lr": 1.6e-4, "warmup_epochs": 0.5, "weight_decay": 0.05}
 LIGHT_AUG = {

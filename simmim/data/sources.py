@@ -619,3 +619,36 @@ def open_source(
         val_fraction=val_fraction,
         seed=seed,
     )
+
+
+def holdout_split(source: ImageSource, part: str, fraction: float, seed: int) -> ImageSource:
+    """`part` ("train" or "validation") of a map-style source with `fraction` of it held out by `seed`:
+    the two parts are disjoint and together the whole source."""
+    if source.is_streaming:
+        raise ValueError("data.holdout_from_train=true needs a map-style source, not data.streaming=true")
+    return SubsetSource(source, carve_split(len(source), part, fraction, seed))
+
+
+def open_split(cfg: Any, split: str) -> ImageSource:
+    """The run's `split` (its train or validation split) from a run config's `data` section.
+
+    With `data.holdout_from_train`, both come from the train split: `val_fraction` of it, carved with
+    `data.holdout_seed`, is the validation split (for choosing settings without reading the real one)."""
+    d = cfg.data
+    holdout = d.holdout_from_train and split in (d.train_split, d.val_split)
+    source = open_source(
+        d.path,
+        d.train_split if holdout else split,
+        image_column=d.image_column,
+        label_column=d.label_column,
+        streaming=d.streaming,
+        val_fraction=d.val_fraction,
+        seed=cfg.seed,
+        synthetic_size=d.synthetic_size,
+        synthetic_image_size=max(cfg.model.image_size, 32),
+    )
+    if not holdout:
+        return source
+    return holdout_split(
+        source, "train" if split == d.train_split else "validation", d.val_fraction, d.holdout_seed
+    )

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
+from simmim.models.image_processor import DEFAULT_CROP_PCT, eval_resize_size
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # timm's RandAugment fills pixels moved in from outside with the ImageNet mean colour, in uint8
@@ -70,18 +72,18 @@ def pretrain_transform(
 def eval_transform(
     image_size: int | Sequence[int],
     *,
-    crop_pct: float = 224 / 256,
+    crop_pct: float = DEFAULT_CROP_PCT,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> ImageTransform:
-    """Resize (bicubic) to `image_size / crop_pct` then center crop: 256 -> 224 as DeiT and timm evaluate.
+    """Resize (bicubic) to `eval_resize_size(image_size, crop_pct)` then center crop: 256 -> 224 as DeiT and
+    timm evaluate. `simmim.models.image_processor.eval_image_processor` gives the same pixels.
 
     An int `image_size` resizes the shortest side (keeping the aspect ratio); a (height, width) pair resizes
     both sides.
     """
     height, width = _pair(image_size)
-    # + 1e-6: 224 / (224 / 256) is 255.99999999999997 in floating point
-    resize = [math.floor(side / crop_pct + 1e-6) for side in (height, width)]
+    resize = [eval_resize_size(side, crop_pct) for side in (height, width)]
     return ImageTransform(
         [
             v2.Resize(resize[0] if isinstance(image_size, int) else resize, v2.InterpolationMode.BICUBIC),

@@ -17,16 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from simmim.models.configuration import CONFIG_NAME, DeiTConfig
+from simmim.models.deit import DeiTEmbeddings, resize_position_embeddings
 
 logger = logging.getLogger("simmim.models")
 
 WEIGHTS_NAME = "model.safetensors"
 TORCH_WEIGHTS_NAMES = ("pytorch_model.bin", "model.pth", "model.pt")
-NUM_PREFIX_TOKENS = 2  # [CLS, DIST]
 
 # Transformers' per-block names (on disk, v4 and v5 alike) -> ours. q/k/v are fused separately.
 _HF_BLOCK_TO_OURS = {
@@ -43,6 +42,8 @@ _TIMM_BLOCK_TO_OURS = {
     "mlp.fc1.": "mlp.fc1.",
     "mlp.fc2.": "mlp.fc2.",
 }
+_OURS_TO_HF_BLOCK = {ours: theirs for theirs, ours in _HF_BLOCK_TO_OURS.items()}
+_OURS_TO_TIMM_BLOCK = {ours: theirs for theirs, ours in _TIMM_BLOCK_TO_OURS.items()}
 _TIMM_TOP_TO_OURS = {
     "cls_token": "deit.embeddings.cls_token",
     "dist_token": "deit.embeddings.distillation_token",
@@ -89,6 +90,14 @@ def find_weights(path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- key layouts
+def _rename_prefix(name: str, renames: dict[str, str]) -> str:
+    """`name` with the first of `renames`' keys it starts with replaced by its value; unchanged if none."""
+    for old, new in renames.items():
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name
+
+
 def detect_format(sd: dict[str, torch.Tensor]) -> str:
     """'timm', 'transformers' (either naming) or 'simmim'."""
     keys = list(sd)
@@ -141,11 +150,7 @@ def _transformers_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
                 prefix_of[base + param] = f"{base}attention.qkv.{param}"
                 break
         else:
-            for theirs, ours in _HF_BLOCK_TO_OURS.items():
-                if rest.startswith(theirs):
-                    rest = ours + rest[len(theirs) :]
-                    break
-            out[base + rest] = value
+            out[base + _rename_prefix(rest, _HF_BLOCK_TO_OURS)] = value
     out.update(_fuse_qkv(parts, prefix_of))
     return out
 
@@ -156,11 +161,7 @@ def _timm_to_ours(sd: dict[str, torch.Tensor], head_name: str) -> dict[str, torc
         m = re.match(r"^blocks\.(\d+)\.(.+)$", key)
         if m:
             index, rest = m.groups()
-            for theirs, ours in _TIMM_BLOCK_TO_OURS.items():
-                if rest.startswith(theirs):
-                    rest = ours + rest[len(theirs) :]
-                    break
-            out[f"deit.layers.{index}.{rest}"] = value
+            out[f"deit.layers.{index}.{_rename_prefix(rest, _TIMM_BLOCK_TO_OURS)}"] = value
         elif key in _TIMM_TOP_TO_OURS:
             out[_TIMM_TOP_TO_OURS[key]] = value
         elif key.startswith("head."):
@@ -186,11 +187,7 @@ def to_transformers_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.T
             for name, chunk in zip(("query", "key", "value"), value.chunk(3, dim=0)):
                 out[f"{base}attention.attention.{name}.{param}"] = chunk.contiguous()
             continue
-        for theirs, ours in _HF_BLOCK_TO_OURS.items():
-            if rest.startswith(ours):
-                rest = theirs + rest[len(ours) :]
-                break
-        out[base + rest] = value.contiguous()
+        out[base + _rename_prefix(rest, _OURS_TO_HF_BLOCK)] = value.contiguous()
     return out
 
 
@@ -212,11 +209,7 @@ def to_timm_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         m = re.match(r"^deit\.layers\.(\d+)\.(.+)$", key)
         if m:
             index, rest = m.groups()
-            for theirs, ours in _TIMM_BLOCK_TO_OURS.items():
-                if rest.startswith(ours):
-                    rest = theirs + rest[len(ours) :]
-                    break
-            out[f"blocks.{index}.{rest}"] = value
+            out[f"blocks.{index}.{_rename_prefix(rest, _OURS_TO_TIMM_BLOCK)}"] = value
         elif key in ours_to_timm:
             out[ours_to_timm[key]] = value
         elif key.startswith(head):
@@ -248,18 +241,6 @@ def to_our_state_dict(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> di
 
 
 # ---------------------------------------------------------------------------------------------- adapting tensors
-def resize_position_embeddings(
-    pos: torch.Tensor, num_prefix: int, src_grid: tuple[int, int], dst_grid: tuple[int, int]
-) -> torch.Tensor:
-    """(1, prefix + gh*gw, D) -> (1, prefix + h*w, D): bicubic on the patch grid, prefix tokens kept."""
-    prefix, patch = pos[:, :num_prefix], pos[:, num_prefix:]
-    gh, gw = src_grid
-    patch = patch.reshape(1, gh, gw, -1).permute(0, 3, 1, 2).float()  # (1, D, gh, gw)
-    patch = F.interpolate(patch, size=dst_grid, mode="bicubic", align_corners=False)
-    patch = patch.permute(0, 2, 3, 1).reshape(1, dst_grid[0] * dst_grid[1], -1).to(pos.dtype)
-    return torch.cat((prefix, patch), dim=1)
-
-
 def _source_grid(num_patches: int, src_config: DeiTConfig | None, key: str, file: Path) -> tuple[int, int]:
     if src_config is not None and math.prod(src_config.grid_size) == num_patches:
         return src_config.grid_size
@@ -296,9 +277,10 @@ def adapt_embeddings(
         created.append(dist_key)
     target = model.state_dict()[pos_key]
     if pos.shape[1] != target.shape[1]:
-        src_grid = _source_grid(pos.shape[1] - NUM_PREFIX_TOKENS, src_config, pos_key, file)
+        n = DeiTEmbeddings.num_prefix_tokens
+        src_grid = _source_grid(pos.shape[1] - n, src_config, pos_key, file)
         dst_grid = model.config.grid_size
-        pos = resize_position_embeddings(pos, NUM_PREFIX_TOKENS, src_grid, dst_grid)
+        pos = resize_position_embeddings(pos, n, src_grid, dst_grid)
         resized.append(pos_key)
         logger.info("resized %s from grid %s to %s", pos_key, src_grid, dst_grid)
     sd[pos_key] = pos

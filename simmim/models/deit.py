@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simmim.losses import classification_loss, distillation_loss
 from simmim.models.configuration import DeiTConfig
+from simmim.models.losses import classification_loss, distillation_loss, masked_l1, patch_mask_to_pixels
 
 
 class _QuickGELU(nn.Module):
@@ -89,6 +89,19 @@ class DeiTForImageClassificationWithTeacherOutput(ModelOutput):
 
 
 # ---------------------------------------------------------------------------------------------- encoder
+def resize_position_embeddings(
+    pos: torch.Tensor, num_prefix_tokens: int, src_grid: tuple[int, int], dst_grid: tuple[int, int]
+) -> torch.Tensor:
+    """(1, prefix + gh*gw, D) -> (1, prefix + h*w, D): bicubic on the patch grid (in float32, as timm's
+    `resample_abs_pos_embed`), prefix tokens kept. Used at run time and when loading checkpoints."""
+    prefix, patch = pos[:, :num_prefix_tokens], pos[:, num_prefix_tokens:]
+    gh, gw = src_grid
+    patch = patch.reshape(1, gh, gw, -1).permute(0, 3, 1, 2).float()  # (1, D, gh, gw)
+    patch = F.interpolate(patch, size=dst_grid, mode="bicubic", align_corners=False)
+    patch = patch.permute(0, 2, 3, 1).reshape(1, dst_grid[0] * dst_grid[1], -1).to(pos.dtype)  # (1, h*w, D)
+    return torch.cat((prefix, patch), dim=1)
+
+
 class DeiTPatchEmbeddings(nn.Module):
     """(B, C, H, W) -> (B, h*w, D) with a stride-p convolution; h, w = H/p, W/p in row-major order."""
 
@@ -154,16 +167,12 @@ class DeiTEmbeddings(nn.Module):
     def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
         """Position embeddings for an h x w patch grid: bicubic resize of the patch part, prefix kept."""
         p = self.patch_embeddings.patch_size
-        h, w = height // p, width // p
-        if (h, w) == self.grid_size:
+        grid = (height // p, width // p)
+        if grid == self.grid_size:
             return self.position_embeddings
-        n = self.num_prefix_tokens
-        prefix, patch = self.position_embeddings[:, :n], self.position_embeddings[:, n:]
-        gh, gw = self.grid_size
-        patch = patch.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)  # (1, D, gh, gw)
-        patch = F.interpolate(patch, size=(h, w), mode="bicubic", align_corners=False)
-        patch = patch.permute(0, 2, 3, 1).reshape(1, h * w, -1)  # (1, h*w, D)
-        return torch.cat((prefix, patch), dim=1)
+        return resize_position_embeddings(
+            self.position_embeddings, self.num_prefix_tokens, self.grid_size, grid
+        )
 
     def forward(
         self,
@@ -447,13 +456,14 @@ class DeiTForMaskedImageModeling(DeiTPreTrainedModel):
         """Reconstruct `pixel_values`; with `bool_masked_pos` (B, h*w), also the SimMIM loss.
 
         loss = sum(|x - x_hat| * m) / (sum(m) + 1e-5) / C over the pixel mask m of the masked patches, as
-        microsoft/SimMIM and Transformers compute it. The mask follows the input's actual patch grid.
+        microsoft/SimMIM and Transformers compute it (`losses.masked_l1`). The mask follows the input's
+        actual patch grid.
         """
         out = self.deit(
             pixel_values, bool_masked_pos, interpolate_pos_encoding, output_hidden_states, output_attentions
         )
         p = self.config.patch_size
-        B, C, H, W = pixel_values.shape
+        B, _, H, W = pixel_values.shape
         h, w = H // p, W // p
         patches = out.last_hidden_state[:, self.num_prefix_tokens :]  # (B, h*w, D)
         patches = patches.transpose(1, 2).reshape(B, -1, h, w)  # (B, D, h, w)
@@ -461,12 +471,8 @@ class DeiTForMaskedImageModeling(DeiTPreTrainedModel):
 
         loss = None
         if bool_masked_pos is not None:
-            mask = (
-                bool_masked_pos.reshape(B, h, w).repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1)
-            )
-            mask = mask.to(torch.float32)  # (B, 1, H, W)
-            l1 = F.l1_loss(pixel_values.float(), reconstruction.float(), reduction="none")
-            loss = (l1 * mask).sum() / (mask.sum() + 1e-5) / C
+            mask = patch_mask_to_pixels(bool_masked_pos, p, H, W)  # (B, 1, H, W)
+            loss = masked_l1(pixel_values, reconstruction, mask, over_batch=True)
         return MaskedImageModelingOutput(loss, reconstruction, out.hidden_states, out.attentions)
 
 
@@ -501,7 +507,7 @@ class DeiTForImageClassificationWithTeacher(DeiTPreTrainedModel):
 
     `logits` is their mean (DeiT's inference rule). Unlike Transformers' inference-only class, it trains:
     with `labels` and `teacher_logits` the loss is DeiT's
-    (1 - alpha) * CE(cls_logits, labels) + alpha * D(distillation_logits, teacher), see `simmim.losses`;
+    (1 - alpha) * CE(cls_logits, labels) + alpha * D(distillation_logits, teacher), see `losses.py`;
     with `labels` alone both heads learn the labels: (CE(cls) + CE(dist)) / 2.
     """
 

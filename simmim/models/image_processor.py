@@ -1,12 +1,14 @@
 """DeiTImageProcessor: resize, center crop, rescale and normalise images into `pixel_values`.
 
 The parameters and `preprocessor_config.json` of Transformers' DeiTImageProcessor (resize to 256 bicubic,
-center crop 224, rescale by 1/255, normalise), built on torchvision.transforms.v2.
+center crop 224, rescale by 1/255, normalise), built on torchvision.transforms.v2; and the evaluation rule
+(`eval_resize_size`, `eval_image_processor`) that `simmim.data.eval_transform` also follows.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,14 +31,47 @@ _RESAMPLE = {
     4: InterpolationMode.BOX,
     5: InterpolationMode.HAMMING,
 }
+# DeiT's and timm's evaluation: resize to 256, center crop 224.
+DEFAULT_CROP_PCT = 224 / 256
 
 
-def _size_dict(size: int | Sequence[int] | dict[str, int], name: str) -> dict[str, int]:
+def eval_resize_size(crop_size: int, crop_pct: float = DEFAULT_CROP_PCT) -> int:
+    """The side to resize to before a center crop of `crop_size`: timm's floor(crop_size / crop_pct).
+
+    224 -> 256 and 96 -> 109 at DeiT's crop_pct = 224/256 (rounding instead would give 110).
+    """
+    # + 1e-6: a quotient that is an integer on paper can land just below it (14 / 0.28 is 49.99999999999999)
+    return math.floor(crop_size / crop_pct + 1e-6)
+
+
+def eval_image_processor(
+    image_size: int | Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop_pct: float = DEFAULT_CROP_PCT,
+) -> DeiTImageProcessor:
+    """The processor of `simmim.data.eval_transform(image_size, crop_pct=...)`, pixel for pixel: bicubic
+    resize to `eval_resize_size` (an int `image_size`: of the shortest side, keeping the aspect ratio; a
+    (height, width) pair: of each side), then center crop `image_size`."""
+    if isinstance(image_size, int):
+        size: dict[str, int] = {"shortest_edge": eval_resize_size(image_size, crop_pct)}
+    else:
+        height, width = image_size
+        size = {"height": eval_resize_size(height, crop_pct), "width": eval_resize_size(width, crop_pct)}
+    return DeiTImageProcessor(size=size, crop_size=image_size, image_mean=list(mean), image_std=list(std))
+
+
+def _size_dict(
+    size: int | Sequence[int] | dict[str, int], name: str, shortest_edge: bool = False
+) -> dict[str, int]:
     if isinstance(size, int):
         return {"height": size, "width": size}
     if isinstance(size, dict):
-        if "shortest_edge" in size:
-            raise ValueError(f"{name}={size}: only {{'height', 'width'}} sizes are supported by DeiT")
+        if set(size) == {"shortest_edge"} and shortest_edge:
+            return {"shortest_edge": int(size["shortest_edge"])}
+        if set(size) != {"height", "width"}:
+            supported = "{'height', 'width'} or {'shortest_edge'}" if shortest_edge else "{'height', 'width'}"
+            raise ValueError(f"{name}={size}: only {supported} sizes are supported by DeiT")
         return {"height": int(size["height"]), "width": int(size["width"])}
     height, width = size
     return {"height": int(height), "width": int(width)}
@@ -47,7 +82,9 @@ class DeiTImageProcessor:
 
     Args:
         do_resize: resize to `size` first.
-        size: {"height", "width"} after resizing (default 256x256).
+        size: {"height", "width"} after resizing (default 256x256; an int is square), or {"shortest_edge"}:
+            that length for the shorter side, the longer one int(shortest_edge * long / short), as
+            Transformers 5 and torchvision resize.
         resample: PIL resampling code (3 = bicubic).
         do_center_crop: crop the center `crop_size` (default 224x224).
         crop_size: {"height", "width"} of the crop.
@@ -74,7 +111,7 @@ class DeiTImageProcessor:
         **kwargs: Any,
     ) -> None:
         self.do_resize = do_resize
-        self.size = _size_dict(256 if size is None else size, "size")
+        self.size = _size_dict(256 if size is None else size, "size", shortest_edge=True)
         if int(resample) not in _RESAMPLE:
             raise ValueError(f"resample={resample!r} is not a PIL resampling code {sorted(_RESAMPLE)}")
         self.resample = int(resample)
@@ -115,7 +152,7 @@ class DeiTImageProcessor:
         if isinstance(image, PIL.Image.Image):
             image = image.convert("RGB") if image.mode not in ("RGB", "L") else image
             if self.do_resize:  # PIL's own resize, as Transformers does, for identical pixels
-                image = TF.resize(image, [self.size["height"], self.size["width"]], _RESAMPLE[self.resample])
+                image = TF.resize(image, self._resize_to(), _RESAMPLE[self.resample])
             x = TF.pil_to_tensor(image)  # (C, H, W) uint8
         else:
             x = torch.as_tensor(np.asarray(image)) if isinstance(image, np.ndarray) else image
@@ -129,9 +166,7 @@ class DeiTImageProcessor:
                     f"expected an image of shape (H, W), (H, W, C) or (C, H, W), got {tuple(x.shape)}"
                 )
             if self.do_resize:
-                x = TF.resize(
-                    x, [self.size["height"], self.size["width"]], _RESAMPLE[self.resample], antialias=True
-                )
+                x = TF.resize(x, self._resize_to(), _RESAMPLE[self.resample], antialias=True)
         if x.shape[0] == 1:
             x = x.expand(3, -1, -1)
         if self.do_center_crop:
@@ -142,6 +177,12 @@ class DeiTImageProcessor:
         if self.do_normalize:
             x = TF.normalize(x, self.image_mean, self.image_std)
         return x
+
+    def _resize_to(self) -> list[int]:
+        # torchvision reads [n] as the shorter side, [height, width] as both
+        if "shortest_edge" in self.size:
+            return [self.size["shortest_edge"]]
+        return [self.size["height"], self.size["width"]]
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -1,6 +1,6 @@
-"""Fine-tuning losses: classification (hard or MixUp/CutMix soft targets, or regression) and DeiT distillation.
-
-Distillation follows DeiT (Touvron et al. 2021, facebookresearch/deit ``losses.DistillationLoss``).
+"""The losses the DeiT heads compute: SimMIM's masked-pixel L1 (Xie et al., 2022), classification (hard or
+MixUp/CutMix soft targets, or regression) and DeiT distillation (Touvron et al., 2021, facebookresearch/deit
+``losses.DistillationLoss``).
 """
 
 from __future__ import annotations
@@ -8,6 +8,35 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def patch_mask_to_pixels(bool_masked_pos: Tensor, patch_size: int, height: int, width: int) -> Tensor:
+    """(B, N) patch mask, N = (H/p) * (W/p) in row-major order -> (B, 1, H, W) float pixel mask."""
+    B = bool_masked_pos.shape[0]
+    h, w = height // patch_size, width // patch_size
+    if bool_masked_pos.shape[1] != h * w:
+        raise ValueError(f"mask has {bool_masked_pos.shape[1]} patches, a {height}x{width} image {h}x{w}")
+    mask = bool_masked_pos.reshape(B, h, w).float()
+    # (B, h, w) -> (B, H, W), as Transformers' ViTForMaskedImageModeling
+    mask = mask.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
+    return mask.unsqueeze(1)
+
+
+def masked_l1(
+    pixel_values: Tensor, reconstruction: Tensor, mask_pixels: Tensor, *, over_batch: bool = False
+) -> Tensor:
+    """SimMIM's loss: sum |x - r| over the pixels where ``mask_pixels`` (B, 1, H, W) is 1, divided by
+    (their count + 1e-5) and by C, in float32, as microsoft/SimMIM and Transformers compute it.
+
+    Returns:
+        (B,), per image, so that an image without masked pixels gives 0; with ``over_batch``, one scalar
+        with the sums taken over the whole batch (the training loss, not the mean of the per-image values).
+    """
+    C = pixel_values.shape[1]
+    l1 = (pixel_values.float() - reconstruction.float()).abs() * mask_pixels  # (B, C, H, W)
+    if over_batch:
+        return l1.sum() / (mask_pixels.sum() + 1e-5) / C
+    return l1.sum(dim=(1, 2, 3)) / (mask_pixels.sum(dim=(1, 2, 3)) + 1e-5) / C
 
 
 def classification_loss(logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> Tensor:

@@ -1,0 +1,161 @@
+"""The training loop's parts on their own, in process: the schedule worked by hand, one step on a toy model,
+the loss meter's window and non-finite stop, and the weight-0 rule for unreadable micro-batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from simmim.checkpoints import CheckpointManager
+from simmim.config import DataConfig, OptimConfig, TrainConfig
+from simmim.engine import LossMeter, NonFiniteLossError, Schedule, TrainBatches, TrainState, train_step
+from simmim.optim import param_groups
+
+
+def test_schedule_by_hand():
+    # 1000 images over 2 processes at 16 per micro-batch: 1000 // 32 = 31 micro-batches per process and
+    # epoch; 3 of them per optimizer step -> 10 steps an epoch (the last micro-batch unused).
+    s = Schedule.build(
+        1000,
+        DataConfig(batch_size=16),
+        OptimConfig(base_lr=1e-3, min_lr=1e-5, warmup_epochs=0.5, grad_accum_steps=3),
+        TrainConfig(epochs=5, max_steps=30),
+        world_size=2,
+    )
+    assert (s.micro_batches_per_epoch, s.steps_per_epoch) == (31, 10)
+    assert (s.schedule_steps, s.total_steps, s.warmup_steps) == (50, 30, 5)
+    assert s.global_batch == 96  # 16 x 2 processes x 3 micro-batches
+    assert s.peak_lr == pytest.approx(1e-3 * 96 / 512) and s.min_lr == pytest.approx(1e-5 * 96 / 512)
+    # Warmup peak * (step + 1) / 5; then the cosine from step 5 to 50, whatever max_steps cuts off.
+    assert s.lr(0) == pytest.approx(s.peak_lr / 5)
+    assert s.lr(4) == pytest.approx(s.peak_lr)
+    half = s.min_lr + (s.peak_lr - s.min_lr) / 2  # progress (27.5 - 5) / 45 = 1/2 has no integer step
+    assert s.lr(27) > half > s.lr(28)
+    assert s.lr(50) == s.lr(70) == pytest.approx(s.min_lr)
+
+
+def test_schedule_refuses_a_split_smaller_than_a_step():
+    with pytest.raises(ValueError, match="has 10 images, fewer than one optimizer step"):
+        Schedule.build(10, DataConfig(batch_size=16), OptimConfig(), TrainConfig(), world_size=1)
+
+
+class Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 1)
+
+
+def toy_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return ((model.linear(batch["pixel_values"]).squeeze(-1) - batch["labels"]) ** 2).mean()
+
+
+def toy_batches(n: int, unreadable: set[int] = frozenset()):
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        x, y = torch.randn(8, 4, generator=g), torch.randn(8, generator=g)
+        if i in unreadable:
+            x, y = x[:0], y[:0]  # every image of this micro-batch failed to decode
+        yield {"pixel_values": x, "labels": y, "index": torch.arange(len(y)), "num_skipped": 8 - len(y)}
+
+
+def toy_state(
+    tmp_path, accum: int, lr: float = 0.1, data=None
+) -> tuple[TrainState, TrainBatches, Accelerator]:
+    torch.manual_seed(0)
+    acc = Accelerator(cpu=True)
+    optim = OptimConfig(base_lr=lr * 512 / 8, weight_decay=0.0, warmup_epochs=0, grad_accum_steps=accum)
+    schedule = Schedule.build(64, DataConfig(batch_size=8), optim, TrainConfig(epochs=1), world_size=1)
+    model = Toy()
+    opt = torch.optim.AdamW(param_groups(model, 0.0, 1.0), lr=schedule.peak_lr)
+    model, opt = acc.prepare(model, opt)
+    state = TrainState(schedule, model, opt, None, CheckpointManager(tmp_path, acc))
+    batches = TrainBatches(iter(data or ()), acc.device, fallback=lambda: pytest.fail("no fallback needed"))
+    return state, batches, acc
+
+
+def test_train_step_equals_a_hand_written_adamw_step(tmp_path):
+    micro = list(toy_batches(2))
+    state, batches, acc = toy_state(tmp_path, accum=2, data=micro)
+    ref = Toy()
+    ref.load_state_dict(acc.unwrap_model(state.model).state_dict())
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=state.schedule.lr(0), weight_decay=0.0)
+    # Two micro-batches of equal size, each weighted 1/2: the gradient of the mean of their losses.
+    losses = [toy_loss(ref, m) for m in micro]
+    (0.5 * losses[0] + 0.5 * losses[1]).backward()
+    ref_norm = torch.cat([p.grad.flatten() for p in ref.parameters()]).norm()
+    ref_opt.step()
+
+    meter = LossMeter(acc.device)
+    optim = OptimConfig(grad_accum_steps=2, clip_grad=None)
+    grad_norm = train_step(state, batches, toy_loss, meter, acc, optim)
+    assert float(grad_norm) == pytest.approx(float(ref_norm), rel=1e-6)
+    for p, q in zip(acc.unwrap_model(state.model).parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q)
+    images, skipped, mean_loss, _ = meter.flush(acc)
+    assert (images, skipped) == (16, 0)
+    assert mean_loss == pytest.approx((losses[0].item() + losses[1].item()) / 2)
+
+
+def test_an_unreadable_micro_batch_repeats_the_last_one_with_weight_zero(tmp_path):
+    micro = list(toy_batches(2, unreadable={1}))
+    state, batches, acc = toy_state(tmp_path, accum=2, data=micro)
+    ref = Toy()
+    ref.load_state_dict(acc.unwrap_model(state.model).state_dict())
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=state.schedule.lr(0), weight_decay=0.0)
+    (0.5 * toy_loss(ref, micro[0])).backward()  # the second forward counts 0
+    ref_opt.step()
+
+    meter = LossMeter(acc.device)
+    train_step(state, batches, toy_loss, meter, acc, OptimConfig(grad_accum_steps=2, clip_grad=None))
+    for p, q in zip(acc.unwrap_model(state.model).parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q)
+    assert (meter.micro_batches, meter.images, meter.skipped) == (1, 8, 8)
+
+
+def test_loss_meter_window_and_non_finite_stop(tmp_path):
+    acc = Accelerator(cpu=True)
+    meter = LossMeter(acc.device)
+    meter.add(torch.tensor(1.0), 4, step=0)
+    meter.add(torch.tensor(3.0), 4, step=1)
+    meter.skipped += 2
+    images, skipped, mean_loss, seconds = meter.flush(acc)
+    assert (images, skipped, mean_loss) == (8, 2, 2.0) and seconds >= 0
+    assert (meter.micro_batches, meter.images, float(meter.loss_sum)) == (0, 0, 0.0)  # a new window
+    meter.check_finite(acc, None)  # nothing bad yet
+    meter.add(torch.tensor(float("nan")), 4, step=7)
+    meter.add(torch.tensor(float("inf")), 4, step=9)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite at step 7; the last good checkpoint \(ck\)"):
+        meter.check_finite(acc, "ck")
+
+
+def test_train_state_saves_and_resumes(tmp_path):
+    state, _, acc = toy_state(tmp_path, accum=1)
+    state.step = 3
+    state.counters.images_seen = 24
+    state.counters.best = {"top1": 50.0, "step": 3, "ema": False}
+    state.save()
+    saved = {k: v.clone() for k, v in acc.unwrap_model(state.model).state_dict().items()}
+    with torch.no_grad():
+        for p in state.model.parameters():
+            p.add_(1.0)
+
+    cfg = type("Cfg", (), {})()
+    cfg.output_dir, cfg.data, cfg.seed = tmp_path, DataConfig(batch_size=8), 0
+    cfg.optim, cfg.train = OptimConfig(warmup_epochs=0), TrainConfig(epochs=1, ema=None)
+    resumed = TrainState.start(cfg, Toy(), Accelerator(cpu=True), 64)
+    assert resumed.step == 3 and resumed.counters.images_seen == 24 and resumed.counters.best["top1"] == 50.0
+    for k, v in resumed.model.state_dict().items():
+        torch.testing.assert_close(v, saved[k])
+
+
+def test_too_many_unreadable_images_name_the_intact_checkpoint(tmp_path):
+    from simmim.data import BadImageError
+
+    state, _, _ = toy_state(tmp_path, accum=1)
+    state.count(1000, 5, max_bad_fraction=0.01)  # 0.5%: tolerated
+    with pytest.raises(
+        BadImageError, match=r"could not be decoded .*; the last good checkpoint \(None\) is intact"
+    ):
+        state.count(0, 20, max_bad_fraction=0.01)
