@@ -33,6 +33,9 @@ VARIANTS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),
     "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    # ViT-L/16 and ViT-H/14 sizes (Dosovitskiy et al. 2021); ViT-H's patch 14 is the recipe's model.patch_size.
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "huge": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120),
 }
 
 # PyYAML follows YAML 1.1, which reads "1e-4" (no dot) as a string; float fields accept such numbers.
@@ -114,7 +117,7 @@ class DataConfig:
 class ModelConfig:
     """DeiT size and head; architecture fields left at None take the variant's (or DeiTConfig's) value."""
 
-    variant: Literal["tiny", "small", "base"] = "tiny"
+    variant: Literal["tiny", "small", "base", "large", "huge"] = "tiny"
     hidden_size: Int | None = Field(None, gt=0)
     num_hidden_layers: Int | None = Field(None, gt=0)
     num_attention_heads: Int | None = Field(None, gt=0)
@@ -208,14 +211,20 @@ class TrainConfig:
         1, gt=0, description="fine-tuning's cadence (and always after the last step)"
     )
     compile: Bool = False
+    activation_checkpointing: Bool = Field(
+        False,
+        description="recompute each transformer block in the backward pass: less activation memory for "
+        "about one more forward pass (DeiT models)",
+    )
     ema: Float | None = Field(None, gt=0, lt=1, description="EMA decay of the weights; None = no EMA")
     eval_batches: Int | None = Field(
         8, gt=0, description="held-out batches per periodic evaluation; None = all"
     )
-    precision: Literal["launcher", "fp32", "bf16", "fp16"] = Field(
-        "launcher",
-        description='autocast dtype of the forward pass; "launcher" = accelerate launch\'s --mixed_precision '
-        "(fp32 without)",
+    precision: Literal["auto", "launcher", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description='autocast dtype of the forward pass; "auto" = bf16 where the hardware does it fast (CUDA '
+        "with bf16, a CPU with AMX or avx512_bf16) or accelerate launch's --mixed_precision bf16|fp16, fp32 "
+        'elsewhere; "launcher" = accelerate launch\'s --mixed_precision (fp32 without)',
     )
     snapshot_epochs: tuple[Annotated[Int, Field(gt=0)], ...] = Field(
         (),
@@ -337,6 +346,8 @@ class FinetuneConfig:
         _check(t.probe_every_steps is None, "train.probe_every_steps", t.probe_every_steps,
                "be unset: the online probe is for pretraining")  # fmt: skip
         _check(m.head != "cnn" or bool(m.arch), "model.arch", m.arch, 'be set when model.head is "cnn"')
+        _check(m.head != "cnn" or not t.activation_checkpointing, "train.activation_checkpointing",
+               t.activation_checkpointing, 'be false for model.head "cnn": it recomputes DeiT blocks')  # fmt: skip
         for key in ("arch", "path"):
             value = getattr(self.teacher, key)
             _check(

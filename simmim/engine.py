@@ -28,6 +28,7 @@ from simmim.checkpoints import CheckpointManager
 from simmim.config import DataConfig, OptimConfig, TrainConfig
 from simmim.data import BadImageError, build_loader, check_bad_fraction
 from simmim.optim import ModelEma, lr_at, param_groups, scaled_lr, set_lr
+from simmim.precision import choose_precision
 from simmim.run_log import RunLog
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -118,15 +119,13 @@ class StopSignal:
 
 
 def make_accelerator(precision: str = "launcher") -> Accelerator:
-    """The run's Accelerator. `accelerate launch --multi_gpu --num_processes N` on a machine without CUDA
-    would otherwise start N unrelated single-process runs: there, the processes join over gloo on CPU.
+    """The run's Accelerator, with autocast as `train.precision` asks (see `simmim.precision`).
 
-    Args:
-        precision: `train.precision`; "launcher" keeps accelerate's own choice (`--mixed_precision`, or the
-            ACCELERATE_MIXED_PRECISION variable it sets), "fp32" turns autocast off, "bf16"/"fp16" turn it on.
+    `accelerate launch --multi_gpu --num_processes N` on a machine without CUDA would otherwise start N
+    unrelated single-process runs: there, the processes join over gloo on CPU.
     """
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    mixed = {"launcher": None, "fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    mixed, _ = choose_precision(precision)
     return Accelerator(cpu=multi_process and not torch.cuda.is_available(), mixed_precision=mixed)
 
 
@@ -257,6 +256,8 @@ class TrainState:
         schedule = Schedule.build(num_samples, cfg.data, cfg.optim, cfg.train, acc.num_processes)
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
         optimizer = torch.optim.AdamW(groups, lr=schedule.peak_lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+        if cfg.train.activation_checkpointing:
+            model.gradient_checkpointing_enable()
         if cfg.train.compile:
             model.compile()  # in place: parameter names (and so checkpoints) stay unchanged
         model, optimizer = acc.prepare(model, optimizer)
@@ -424,6 +425,9 @@ def train(
     schedule, model = state.schedule, state.model
     log = RunLog(out, acc.is_main_process, resume_step=state.step)
     log.write(state.step, {**schedule.__dict__, "num_processes": acc.num_processes}, kind="schedule")
+    why = choose_precision(t.precision)[1]
+    log.write(state.step, {"mixed_precision": acc.mixed_precision, "why": why}, kind="precision")
+    acc.print(f"autocast: {'fp32 (none)' if acc.mixed_precision == 'no' else acc.mixed_precision}, as {why}")
     batches = TrainBatches.of_run(train_set, collate_fn, cfg, state, acc)
     meter = LossMeter(acc.device)
     eval_every = schedule.steps_per_epoch * t.eval_every_epochs if eval_each_epoch else t.eval_every_steps

@@ -55,10 +55,20 @@ def script_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
+def pinned_precision(script: str, args: list[str]) -> list[str]:
+    """Training scripts run in fp32 unless a test asks for another precision: the suite's tolerances are
+    fp32's, and the default (train.precision=auto) picks bf16 on some machines and fp32 on others."""
+    training = script in ("pretrain.py", "finetune.py") and "--help" not in args
+    if training and not any(a.startswith("train.precision=") for a in args):
+        return [*args, "train.precision=fp32"]
+    return args
+
+
 def run_script(script: str, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `scripts/<script>` as a user would; returns the completed process with its output."""
+    """Run `scripts/<script>` as a user would (in fp32, see `pinned_precision`); returns the completed
+    process with its output."""
     return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / script), *args],
+        [sys.executable, str(ROOT / "scripts" / script), *pinned_precision(script, args)],
         env=script_env(),
         capture_output=True,
         text=True,

@@ -88,7 +88,10 @@ def test_unknown_key_in_recipe_fails(tmp_path):
         ("optim.base_lr=fast", "optim.base_lr='fast': expected float"),
         ("data.mean=[0.5, 0.5]", r"data.mean=\[0.5, 0.5\]: expected tuple\[float, float, float\]"),
         ("data.mean=[0.5, 0.5, x]", r"data.mean\[2\]='x': expected float"),
-        ("model.variant=huge", 'model.variant=\'huge\': expected "tiny" | "small" | "base"'),
+        (
+            "model.variant=giant",
+            'model.variant=\'giant\': expected "tiny" | "small" | "base" | "large" | "huge"',
+        ),
         ("train.max_steps=2.5", r"train.max_steps=2.5: expected int \| None"),
         ("data=3", "data=3: expected a mapping"),
     ],

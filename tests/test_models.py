@@ -408,3 +408,57 @@ def test_models_package_imports_nothing_else_from_simmim():
     assert "simmim.models.deit" in loaded and "simmim.models.losses" in loaded
     outside = [n for n in loaded if n != "simmim" and n.split(".")[:2] != ["simmim", "models"]]
     assert outside == []
+
+
+@pytest.mark.parametrize("cls", [DeiTForMaskedImageModeling, DeiTForImageClassificationWithTeacher])
+def test_activation_checkpointing_gives_the_same_gradients(cls):
+    # Drop path on: the recomputed blocks must draw the same random masks as the first forward did.
+    config = tiny_config(drop_path_rate=0.3, hidden_dropout_prob=0.1)
+    torch.manual_seed(0)
+    plain = fill_random(cls(config), std=0.1).train()
+    ckpt = cls(config).train()
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.gradient_checkpointing_enable()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    kwargs = {"bool_masked_pos": torch.rand(3, 16) < 0.5} if cls is DeiTForMaskedImageModeling else {}
+    losses = []
+    for model in (plain, ckpt):
+        torch.manual_seed(2)
+        out = model(x, **kwargs)
+        loss = out.loss if out.loss is not None else out.logits.square().mean()
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-6)
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        assert p.grad is not None and q.grad is not None, name
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, msg=name)
+    # Evaluation and no-grad forwards do not recompute (nothing to save memory for).
+    with torch.no_grad():
+        ours, reference = ckpt.eval()(x, **kwargs), plain.eval()(x, **kwargs)
+    torch.testing.assert_close(ours[0], reference[0])
+
+
+@pytest.mark.parametrize(
+    "variant, patch, sizes",
+    [("large", 16, (1024, 24, 16, 4096)), ("huge", 14, (1280, 32, 16, 5120))],
+)
+def test_large_and_huge_variants_have_transformers_shapes(variant, patch, sizes):
+    """Built on the meta device (no memory, no forward): every tensor name and shape as Transformers'."""
+    transformers = pytest.importorskip("transformers")
+    from simmim.config import ModelConfig, deit_config_kwargs
+
+    kwargs = {**deit_config_kwargs(ModelConfig(variant=variant, patch_size=patch)), "image_size": 224}
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    assert tuple(kwargs[k] for k in keys) == sizes
+    theirs_config = transformers.DeiTConfig(**{k: kwargs[k] for k in (*keys, "patch_size", "encoder_stride")})
+    with torch.device("meta"):
+        ours = DeiTForMaskedImageModeling(DeiTConfig(**kwargs))
+        theirs = transformers.DeiTForMaskedImageModeling(theirs_config)
+    # Transformers 5 names its tensors in memory other than on disk (q_proj for query): compare the shapes
+    # of our tensors in its on-disk layout with all of its tensors', as multisets, and the total count.
+    from simmim.models.checkpoint import to_transformers_state_dict
+
+    ours_shapes = sorted(tuple(v.shape) for v in to_transformers_state_dict(ours.state_dict()).values())
+    theirs_shapes = sorted(tuple(v.shape) for v in theirs.state_dict().values())
+    assert ours_shapes == theirs_shapes
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())

@@ -23,6 +23,7 @@ TINY = [
     *tiny_data(synthetic_size=256),
     *TINY_MODEL,
     "model.drop_path_rate=0.1",  # exercises the RNG state across a resume
+    "train.precision=fp32",  # the processes started here directly are not pinned by helpers.run_script
     "mask.patch_size=16",
     "optim.base_lr=1e-2",
     "optim.warmup_epochs=0.5",

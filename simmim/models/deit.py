@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from simmim.models.configuration import DeiTConfig
 from simmim.models.losses import classification_loss, distillation_loss, masked_l1, patch_mask_to_pixels
@@ -319,6 +320,13 @@ class DeiTPreTrainedModel(nn.Module):
     def num_prefix_tokens(self) -> int:
         return DeiTEmbeddings.num_prefix_tokens
 
+    def gradient_checkpointing_enable(self, enable: bool = True) -> None:
+        """Activation checkpointing (Transformers' name): in training, each block keeps only its input and
+        recomputes the rest in the backward pass, trading about one more forward for activation memory."""
+        for module in self.modules():
+            if isinstance(module, DeiTModel):
+                module.gradient_checkpointing = enable
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """timm/DeiT initialisation: truncated normal for weights and tokens, zero biases, unit norms."""
@@ -386,10 +394,12 @@ class DeiTModel(DeiTPreTrainedModel):
     ) -> None:
         super().__init__(config)
         self.embeddings = DeiTEmbeddings(config, use_mask_token=use_mask_token)
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        # On the CPU even under `with torch.device("meta")`: the rates are Python floats, not weights.
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers, device="cpu").tolist()
         self.layers = nn.ModuleList([DeiTLayer(config, rate) for rate in rates])
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.pooler = DeiTPooler(config) if add_pooling_layer else None
+        self.gradient_checkpointing = False
         self.init_weights()
 
     def forward(
@@ -416,8 +426,13 @@ class DeiTModel(DeiTPreTrainedModel):
         x = self.embeddings(pixel_values, bool_masked_pos, interpolate_pos_encoding)  # (B, 2 + N, D)
         hidden_states = [x] if output_hidden_states else None
         attentions = [] if output_attentions else None
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x, weights = layer(x, output_attentions)
+            if recompute:
+                # Non-reentrant, and the RNG state kept: the recomputed block draws the same drop-path mask.
+                x, weights = checkpoint(layer, x, output_attentions, use_reentrant=False)
+            else:
+                x, weights = layer(x, output_attentions)
             if output_hidden_states:
                 hidden_states.append(x)
             if output_attentions:

@@ -48,6 +48,7 @@ def classification_loss(logits: Tensor, labels: Tensor, *, label_smoothing: floa
             (B, C) float targets, e.g. from MixUp/CutMix -> soft-target cross-entropy
             ``mean_b sum_c -t * log_softmax(logits)``; for C == 1, (B,) or (B, 1) values -> MSE.
     """
+    logits = logits.float()  # the loss in float32 under bf16/fp16 autocast (a no-op in fp32)
     if logits.shape[-1] == 1:
         return F.mse_loss(logits.reshape(-1), labels.reshape(-1).to(logits.dtype))
     if labels.is_floating_point():
@@ -80,7 +81,8 @@ def distillation_loss(
         tau: soft distillation temperature.
     """
     base = classification_loss(cls_logits, labels, label_smoothing=label_smoothing)
-    teacher_logits = teacher_logits.detach()
+    # float32 under autocast, as the classification term (a no-op in fp32)
+    distillation_logits, teacher_logits = distillation_logits.float(), teacher_logits.detach().float()
     if kind == "hard":
         distill = F.cross_entropy(distillation_logits, teacher_logits.argmax(dim=-1))
     elif kind == "soft":
