@@ -110,7 +110,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         v = self.val_fraction
         _check(not self.holdout_from_train or 0 < v < 1, "val_fraction", v,
-               "be in (0, 1) with holdout_from_train=true (the share of train held out)")  # fmt: skip
+               "be in (0, 1) with data.holdout_from_train=true (the share of train held out)")  # fmt: skip
 
 
 @dataclass(frozen=True, config=_STRICT_KEYS)
@@ -158,12 +158,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         arch = deit_config_kwargs(self)
         heads, width = arch["num_attention_heads"], arch["hidden_size"]
-        _check(width % heads == 0, "num_attention_heads", heads, f"divide hidden_size={width}")
+        _check(width % heads == 0, "num_attention_heads", heads, f"divide model.hidden_size={width}")
         pe = self.position_embedding_init
         _check(pe != "sincos" or width % 4 == 0, "position_embedding_init", pe,
-               f"be 'random' for hidden_size={width}: a 2-D sine-cosine table needs a multiple of 4")  # fmt: skip
+               f"be 'random' for model.hidden_size={width}: a 2-D sine-cosine table needs a multiple of 4")  # fmt: skip
         size, p = self.image_size, self.patch_size
-        _check(size % p == 0, "patch_size", p, f"divide image_size={size}")
+        _check(size % p == 0, "patch_size", p, f"divide model.image_size={size}")
 
 
 @dataclass(frozen=True, config=_STRICT_KEYS)
@@ -192,7 +192,7 @@ class OptimConfig:
     grad_accum_steps: Int = Field(1, gt=0)
 
     def __post_init__(self) -> None:
-        _check(self.min_lr <= self.base_lr, "min_lr", self.min_lr, f"be <= base_lr={self.base_lr}")
+        _check(self.min_lr <= self.base_lr, "min_lr", self.min_lr, f"be <= optim.base_lr={self.base_lr}")
 
 
 @dataclass(frozen=True, config=_STRICT_KEYS)
@@ -240,7 +240,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(all(e <= self.epochs for e in self.snapshot_epochs), "snapshot_epochs", self.snapshot_epochs,
-               f"be epochs of the run (<= epochs={self.epochs})")  # fmt: skip
+               f"be epochs of the run (<= train.epochs={self.epochs})")  # fmt: skip
 
 
 @dataclass(frozen=True, config=_STRICT_KEYS)
@@ -371,10 +371,15 @@ def deit_config_kwargs(model: ModelConfig) -> dict[str, Any]:
     return kwargs
 
 
+def deit_config(model: ModelConfig, **config_kwargs: Any) -> DeiTConfig:
+    """The DeiTConfig of a `model` section; `config_kwargs` (labels, say) are added to it."""
+    return DeiTConfig(**deit_config_kwargs(model), **config_kwargs)
+
+
 def new_deit(cls: type, model: ModelConfig, **config_kwargs: Any):
     """A freshly initialised DeiT model class `cls` (a `simmim.models` class) of the `model` section, with
     the position embeddings it asks for (`position_embedding_init`); `config_kwargs` go to DeiTConfig."""
-    net = cls(DeiTConfig(**deit_config_kwargs(model), **config_kwargs))
+    net = cls(deit_config(model, **config_kwargs))
     if model.position_embedding_init == "sincos":
         net.deit.embeddings.init_sincos_position_embeddings()
     return net

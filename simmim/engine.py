@@ -30,6 +30,7 @@ from simmim.data import BadImageError, build_loader, check_bad_fraction
 from simmim.optim import ModelEma, lr_at, param_groups, scaled_lr, set_lr
 from simmim.precision import choose_precision
 from simmim.run_log import RunLog
+from simmim.runs import EXPORT_DIR, SNAPSHOTS_DIR
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 EvaluateFn = Callable[[nn.Module, int, RunLog], dict[str, float]]
@@ -191,14 +192,12 @@ def evaluation_loader(dataset, cfg: Any, acc: Accelerator, collate_fn: Callable)
     )
 
 
-@dataclass
 class LossMeter:
     """The loss and image counts of the current logging window, kept on the device: the step never waits
-    for a read-back, which happens only when the window is flushed (`.item()`)."""
+    for a read-back, which happens only when the window is closed (`.item()`)."""
 
-    device: torch.device
-
-    def __post_init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.loss_sum = torch.zeros((), device=self.device)
         # The first step whose loss was not finite, -1 while none was: checked at each log, eval and save.
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
@@ -216,17 +215,17 @@ class LossMeter:
         self.micro_batches += 1
         self.images += images
 
-    def check_finite(self, acc: Accelerator, intact: Path | None) -> None:
-        """Stop (every process) if any process saw a non-finite loss; `intact` is the last good checkpoint."""
+    def check_finite(self, acc: Accelerator, checkpoints: CheckpointManager) -> None:
+        """Stop (every process) if any process saw a non-finite loss, naming the last good checkpoint."""
         bad = self.first_bad_step.clone()
         bad = int(acc.reduce(bad, "max").item()) if acc.num_processes > 1 else int(bad.item())
         if bad >= 0:
             raise NonFiniteLossError(
-                f"the loss became non-finite at step {bad}; the last good checkpoint ({intact}) is intact. "
+                f"the loss became non-finite at step {bad}; {intact(checkpoints)}. "
                 "Lower optim.base_lr or enable optim.clip_grad."
             )
 
-    def flush(self, acc: Accelerator) -> tuple[int, int, float, float]:
+    def close_window(self, acc: Accelerator) -> tuple[int, int, float, float]:
         """(images, skipped images, mean loss, seconds) of the window over all processes; starts a new one."""
         seen = acc.reduce(torch.tensor([self.images, self.skipped], device=self.device), "sum")
         mean_loss = acc.reduce(self.loss_sum, "mean").item() / max(self.micro_batches, 1)
@@ -255,7 +254,14 @@ class TrainState:
         """AdamW over the model's parameter groups, the EMA, and the newest checkpoint's state if any."""
         schedule = Schedule.build(num_samples, cfg.data, cfg.optim, cfg.train, acc.num_processes)
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
-        optimizer = torch.optim.AdamW(groups, lr=schedule.peak_lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+        # Fused on CUDA: one kernel for the whole update instead of a few per tensor group.
+        optimizer = torch.optim.AdamW(
+            groups,
+            lr=schedule.peak_lr,
+            betas=cfg.optim.betas,
+            eps=cfg.optim.eps,
+            fused=True if acc.device.type == "cuda" else None,
+        )
         if cfg.train.activation_checkpointing:
             model.gradient_checkpointing_enable()
         if cfg.train.compile:
@@ -290,8 +296,15 @@ class TrainState:
         try:
             check_bad_fraction(c.images_skipped, c.images_seen + c.images_skipped, max_bad_fraction)
         except BadImageError as e:
-            intact = self.checkpoints.latest()
-            raise BadImageError(f"{e}; the last good checkpoint ({intact}) is intact") from e
+            raise BadImageError(f"{e}; {intact(self.checkpoints)}") from e
+
+
+def intact(checkpoints: CheckpointManager) -> str:
+    """What an error that stops a run says of its checkpoints."""
+    latest = checkpoints.latest()
+    if latest is None:
+        return "no checkpoint had been saved yet"
+    return f"the last good checkpoint ({latest}) is intact: run the same command again to resume from it"
 
 
 class TrainBatches:
@@ -313,25 +326,31 @@ class TrainBatches:
             fallback=lambda: fallback_batch(train_set, cfg, collate_fn, acc.device),
         )
 
-    def next(self, weight: float) -> tuple[dict[str, Any], float, int]:
-        """(batch, its weight, images skipped while reading it)."""
+    def next(self) -> tuple[dict[str, Any], bool, int]:
+        """(batch, whether it is this micro-batch's own, images skipped while reading it)."""
         batch = next(self.batches)
         skipped = batch["num_skipped"]
         if len(batch["index"]) == 0:
-            return (self.last if self.last is not None else self.fallback()), 0.0, skipped
+            return (self.last if self.last is not None else self.fallback()), False, skipped
         self.last = move_to(batch, self.device)
-        return self.last, weight, skipped
+        return self.last, True, skipped
 
 
 def train_step(
-    state: TrainState, batches: TrainBatches, loss_fn: LossFn, meter: LossMeter, acc: Accelerator, optim: Any
+    state: TrainState,
+    batches: TrainBatches,
+    loss_fn: LossFn,
+    meter: LossMeter,
+    acc: Accelerator,
+    optim: OptimConfig,
 ) -> torch.Tensor:
     """One optimizer step over `optim.grad_accum_steps` micro-batches; returns the gradient norm (before
     clipping). `state.step` is the step being taken."""
     model, optimizer, accum = state.model, state.optimizer, optim.grad_accum_steps
     set_lr(optimizer, state.schedule.lr(state.step))
     for micro in range(accum):
-        batch, weight, skipped = batches.next(1.0 / accum)
+        batch, readable, skipped = batches.next()
+        weight = 1.0 / accum if readable else 0.0
         meter.skipped += skipped
         # Gradients are all-reduced only on the last micro-batch of the step.
         with nullcontext() if micro == accum - 1 else acc.no_sync(model), acc.autocast():
@@ -373,7 +392,7 @@ def evaluate_and_keep_best(
         if not counters.best or value > counters.best[select_metric]:
             counters.best = {select_metric: value, "step": step, "ema": is_ema}
             if acc.is_main_process:
-                export(ema.module if is_ema else acc.unwrap_model(model), out / "export")
+                export(ema.module if is_ema else acc.unwrap_model(model), out / EXPORT_DIR)
     acc.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
 
@@ -424,34 +443,28 @@ def train(
     state = TrainState.start(cfg, model, acc, len(train_set))
     schedule, model = state.schedule, state.model
     log = RunLog(out, acc.is_main_process, resume_step=state.step)
-    log.write(state.step, {**schedule.__dict__, "num_processes": acc.num_processes}, kind="schedule")
-    why = choose_precision(t.precision)[1]
-    log.write(state.step, {"mixed_precision": acc.mixed_precision, "why": why}, kind="precision")
-    acc.print(f"autocast: {'fp32 (none)' if acc.mixed_precision == 'no' else acc.mixed_precision}, as {why}")
+    log_run_header(log, state, acc, t.precision)
     batches = TrainBatches.of_run(train_set, collate_fn, cfg, state, acc)
     meter = LossMeter(acc.device)
     eval_every = schedule.steps_per_epoch * t.eval_every_epochs if eval_each_epoch else t.eval_every_steps
     model.train()
+    stopping = 0
     progress = dict(total=schedule.total_steps, initial=state.step, disable=not acc.is_main_process)
-    # The bar closes on any way out, so that an error's message is the last line a user sees.
-    with StopSignal() as stop, tqdm(**progress, dynamic_ncols=True) as bar:
+    with StopSignal() as stop, tqdm(**progress, dynamic_ncols=True) as bar, bugs_keep_their_traceback(state):
         while state.step < schedule.total_steps:
             grad_norm = train_step(state, batches, loss_fn, meter, acc, cfg.optim)
             state.step += 1
             step, last = state.step, state.step == schedule.total_steps
             bar.update(1)
             if step % t.log_every_steps == 0 or last:
-                meter.check_finite(acc, state.checkpoints.latest())
-                values = {
-                    **flush_to_log(meter, state, acc, cfg.data.max_bad_fraction),
-                    "grad_norm": float(grad_norm),
-                }
+                meter.check_finite(acc, state.checkpoints)
+                values = {**close_window(meter, state, acc, cfg.data), "grad_norm": float(grad_norm)}
                 log.write(step, values)
                 bar.set_postfix(
                     loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", img_s=f"{values['img_per_s']:.0f}"
                 )
             if evaluate is not None and (step % eval_every == 0 or last):
-                meter.check_finite(acc, state.checkpoints.latest())
+                meter.check_finite(acc, state.checkpoints)
                 with evaluation_mode(model):
                     evaluate_and_keep_best(state, evaluate, log, acc, select_metric, export, out)
             if probe is not None and t.probe_every_steps and (step % t.probe_every_steps == 0 or last):
@@ -460,31 +473,48 @@ def train(
             epoch_done, in_epoch = divmod(step, schedule.steps_per_epoch)
             if in_epoch == 0 and epoch_done in t.snapshot_epochs and acc.is_main_process:
                 # Before the save of this step: a run killed in between redoes the step and the snapshot.
-                export_snapshot(export, acc.unwrap_model(model), out / "snapshots" / f"epoch_{epoch_done}")
+                export_snapshot(export, acc.unwrap_model(model), out / SNAPSHOTS_DIR / f"epoch_{epoch_done}")
             stopping = _stop_requested(stop, acc)
             if step % t.save_every_steps == 0 or last or stopping:
-                meter.check_finite(acc, state.checkpoints.latest())
-                # The counters in the checkpoint include every image trained on so far.
-                flush_to_log(meter, state, acc, cfg.data.max_bad_fraction)
+                meter.check_finite(acc, state.checkpoints)
+                # A save closes the logging window too: the checkpoint's counters hold every image so far.
+                close_window(meter, state, acc, cfg.data)
                 state.save()
             if stopping:
-                log.close()
-                acc.print(f"signal {stopping}: saved step {step}; run the same command again to resume")
-                raise SystemExit(128 + stopping)
-
-    if (not select_metric or not state.counters.best) and acc.is_main_process:
-        export(acc.unwrap_model(model), out / "export")
-    acc.wait_for_everyone()
+                break
     log.close()
+    if stopping:  # after the progress bar has closed, so that this is the last line printed
+        acc.print(f"signal {stopping}: saved step {state.step}; run the same command again to resume")
+        raise SystemExit(128 + stopping)
+    if (not select_metric or not state.counters.best) and acc.is_main_process:
+        export(acc.unwrap_model(model), out / EXPORT_DIR)
+    acc.wait_for_everyone()
     return {"step": state.step, **state.counters.__dict__}
 
 
-def flush_to_log(
-    meter: LossMeter, state: TrainState, acc: Accelerator, max_bad_fraction: float
-) -> dict[str, float]:
-    """Fold the logging window into the counters (every process); returns the values of a log line."""
-    images, skipped, mean_loss, seconds = meter.flush(acc)
-    state.count(images, skipped, max_bad_fraction)
+def log_run_header(log: RunLog, state: TrainState, acc: Accelerator, precision: str) -> None:
+    """The schedule and the autocast precision (with the reason it was chosen) as the run's first records."""
+    log.write(state.step, {**state.schedule.__dict__, "num_processes": acc.num_processes}, kind="schedule")
+    why = choose_precision(precision)[1]
+    log.write(state.step, {"mixed_precision": acc.mixed_precision, "why": why}, kind="precision")
+    acc.print(f"autocast: {'fp32 (none)' if acc.mixed_precision == 'no' else acc.mixed_precision}, as {why}")
+
+
+@contextmanager
+def bugs_keep_their_traceback(state: TrainState):
+    """Inside the loop, a ValueError or OSError is no mistake of the user's (those are refused before the
+    loop starts) but a bug or a machine failure: re-raised as a RuntimeError, which the command line shows
+    with its traceback (simmim.cli reports ValueError and OSError in one line)."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        raise RuntimeError(f"training stopped at step {state.step} by {type(e).__name__}: {e}") from e
+
+
+def close_window(meter: LossMeter, state: TrainState, acc: Accelerator, data: DataConfig) -> dict[str, float]:
+    """Fold the logging window into the counters (every process); returns the values of its log line."""
+    images, skipped, mean_loss, seconds = meter.close_window(acc)
+    state.count(images, skipped, data.max_bad_fraction)
     schedule = state.schedule
     return {
         "loss": mean_loss,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from torch import nn
 
-from simmim.config import FinetuneConfig, deit_config_kwargs, new_deit
+from simmim.config import FinetuneConfig, deit_config, new_deit
 from simmim.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -37,9 +37,10 @@ from simmim.models import (
     DeiTImageProcessor,
 )
 from simmim.models.checkpoint import read_state_dict
-from simmim.models.cnn import CNN_CONFIG, build_cnn, load_cnn, read_cnn_config
+from simmim.models.cnn import CNN_CONFIG, build_cnn, load_cnn
+from simmim.models.image_processor import eval_image_processor
 from simmim.models.losses import classification_loss
-from simmim.runs import export_model, image_processor, prepare_output_dir
+from simmim.runs import METRICS_FILE, STUDENTS, export_dir_of, export_model, prepare_output_dir
 
 logger = logging.getLogger("simmim.finetune")
 
@@ -65,9 +66,8 @@ def resolve_init(init: str) -> Path:
         raise FileNotFoundError(
             f"model.init={init!r} does not exist (expected a directory, a weights file or 'scratch')"
         )
+    path = export_dir_of(path)
     if path.is_dir() and not (path / "config.json").is_file():
-        if (path / "export" / "config.json").is_file():
-            return path / "export"
         raise ValueError(
             f"model.init={init!r} holds no config.json and no export/ (run scripts/export.py on it first)"
         )
@@ -76,7 +76,7 @@ def resolve_init(init: str) -> Path:
 
 def build_student(cfg: FinetuneConfig, id2label: dict[int, str]) -> tuple[nn.Module, dict[str, list[str]]]:
     """The DeiT student for `cls` or `distill`, initialised from `model.init`; returns (model, loading info)."""
-    cls = DeiTForImageClassification if cfg.model.head == "cls" else DeiTForImageClassificationWithTeacher
+    cls = STUDENTS[cfg.model.head]
     labels = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
     if cfg.model.init == "scratch":
         return new_deit(cls, cfg.model, **labels), {}
@@ -87,7 +87,7 @@ def build_student(cfg: FinetuneConfig, id2label: dict[int, str]) -> tuple[nn.Mod
         if getattr(cfg.model, name) is not None:
             overrides[name] = getattr(cfg.model, name)
     has_config = (path if path.is_dir() else path.parent).joinpath("config.json").is_file()
-    config = None if has_config else DeiTConfig(**deit_config_kwargs(cfg.model), **labels)
+    config = None if has_config else deit_config(cfg.model, **labels)
     model, info = cls.from_pretrained(
         path,
         config=config,
@@ -139,14 +139,14 @@ def load_teacher(cfg: FinetuneConfig, num_classes: int) -> Teacher:
         model, processor = load_deit_classifier(path)
         mean, std = processor.image_mean, processor.image_std
     else:
-        model, mean, std = build_cnn(arch, num_classes), IMAGENET_MEAN, IMAGENET_STD
-        file = path
-        if path.is_dir():
-            meta = read_cnn_config(path)
+        if path.is_dir():  # a simmim CNN export: its own input normalisation
+            model, meta = load_cnn(path)
             if meta["arch"] != arch:
                 raise ValueError(f"teacher.path {path} holds a {meta['arch']}, teacher.arch is {arch}")
-            mean, std, file = meta["mean"], meta["std"], path / "model.safetensors"
-        model.load_state_dict(read_state_dict(file))
+            mean, std = meta["mean"], meta["std"]
+        else:  # a bare state dict, trained on ImageNet-normalised inputs
+            model, mean, std = build_cnn(arch, num_classes), IMAGENET_MEAN, IMAGENET_STD
+            model.load_state_dict(read_state_dict(path))
     logits_dim = getattr(getattr(model, "config", None), "num_labels", None) or _out_features(model)
     if logits_dim != num_classes:
         raise ValueError(f"the teacher predicts {logits_dim} classes, the dataset has {num_classes}")
@@ -169,7 +169,7 @@ def load_deit_classifier(path: Path) -> tuple[nn.Module, DeiTImageProcessor]:
     if processor_file.is_file():
         processor = DeiTImageProcessor.from_pretrained(path)
     else:
-        processor = image_processor(config.image_hw[0], IMAGENET_MEAN, IMAGENET_STD)
+        processor = eval_image_processor(config.image_hw[0], IMAGENET_MEAN, IMAGENET_STD)
     return model.eval(), processor
 
 
@@ -303,5 +303,5 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     )
     if accelerator.is_main_process:
         metrics = {"epochs": summary["history"], "best": summary["best"]}
-        (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (Path(cfg.output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     return summary

@@ -29,6 +29,7 @@ from torch import nn
 from simmim.data import IMAGENET_MEAN, IMAGENET_STD, LabeledImageDataset, build_loader, collate_classification
 from simmim.models import DeiTConfig, DeiTImageProcessor, DeiTModel
 from simmim.models.checkpoint import read_state_dict
+from simmim.runs import export_dir_of
 
 KNN_K = 20
 KNN_TEMPERATURE = 0.07  # DINO's
@@ -74,14 +75,12 @@ def load_encoder(checkpoint: str | Path, num_heads: int | None = None) -> Encode
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {str(path)!r} does not exist")
+    path = export_dir_of(path)  # a run directory -> its export
     if path.is_dir() and not (path / "config.json").is_file():
-        if (path / "export" / "config.json").is_file():
-            path = path / "export"  # a run directory
-        else:
-            raise ValueError(
-                f"--checkpoint {str(path)!r} holds no config.json and no export/: expected a run directory, "
-                "an export, a Transformers DeiT directory or a weights file"
-            )
+        raise ValueError(
+            f"--checkpoint {str(path)!r} holds no config.json and no export/: expected a run directory, "
+            "an export, a Transformers DeiT directory or a weights file"
+        )
     mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
     if path.is_dir():
         model, info = DeiTModel.from_pretrained(path, output_loading_info=True)

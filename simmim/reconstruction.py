@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torchvision.utils import save_image
@@ -27,7 +26,7 @@ from simmim.masking import MaskGenerator
 from simmim.metrics import mean_fill_baseline, reconstruction_metrics
 from simmim.models import DeiTConfig, DeiTForMaskedImageModeling, DeiTImageProcessor
 from simmim.models.checkpoint import read_state_dict
-from simmim.runs import EXPORT_CONFIG, RUN_CONFIG, read_run
+from simmim.runs import RUN_CONFIG, read_export_config, read_run
 from simmim.visualize import reconstruction_grid
 
 METRICS = ("masked_l1", "masked_mse", "masked_psnr", "visible_l1", "visible_psnr")
@@ -81,8 +80,8 @@ def load_masked_image_model(path: str | Path) -> LoadedCheckpoint:
         processor = DeiTImageProcessor.from_pretrained(config_dir)
         mean, std = tuple(processor.image_mean), tuple(processor.image_std)
     run_cfg = None
-    if (config_dir / EXPORT_CONFIG).is_file():
-        run_cfg = config_from_dict(PretrainConfig, yaml.safe_load((config_dir / EXPORT_CONFIG).read_text()))
+    if (raw := read_export_config(config_dir)) is not None:
+        run_cfg = config_from_dict(PretrainConfig, raw)
     run_dir = config_dir.parent if (config_dir.parent / RUN_CONFIG).is_file() else None
     return LoadedCheckpoint(model, mean, std, run_cfg, run_dir)
 

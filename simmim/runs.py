@@ -31,7 +31,7 @@ from simmim.config import (
     PretrainConfig,
     config_from_dict,
     config_to_dict,
-    deit_config_kwargs,
+    deit_config,
     save_config,
 )
 from simmim.models import (
@@ -39,7 +39,6 @@ from simmim.models import (
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
     DeiTForMaskedImageModeling,
-    DeiTImageProcessor,
 )
 from simmim.models.checkpoint import read_state_dict
 from simmim.models.cnn import build_cnn, save_cnn
@@ -47,9 +46,30 @@ from simmim.models.image_processor import eval_image_processor
 
 RUN_CONFIG = "config.yaml"
 RUN_INFO = "run.json"
+EXPORT_DIR = "export"
+SNAPSHOTS_DIR = "snapshots"
+METRICS_FILE = "metrics.json"
 EXPORT_CONFIG = "simmim_config.yaml"  # the resolved run config, embedded in every export
-KINDS = ("pretrain", "finetune")
+# The fine-tuning head -> the DeiT class that carries it (model.head=cnn is a torchvision model).
 STUDENTS = {"cls": DeiTForImageClassification, "distill": DeiTForImageClassificationWithTeacher}
+
+
+def export_dir_of(path: Path) -> Path:
+    """A run directory -> its export/; an export, a Transformers directory or a weights file as it is."""
+    path = Path(path)
+    if (
+        path.is_dir()
+        and not (path / "config.json").is_file()
+        and (path / EXPORT_DIR / "config.json").is_file()
+    ):
+        return path / EXPORT_DIR
+    return path
+
+
+def read_export_config(directory: Path) -> dict[str, Any] | None:
+    """The run config embedded in an export (as written), or None for exports made elsewhere."""
+    file = Path(directory) / EXPORT_CONFIG
+    return yaml.safe_load(file.read_text()) if file.is_file() else None
 
 
 def run_kind(raw_config: dict[str, Any]) -> str:
@@ -69,23 +89,17 @@ class Run:
     def new_model(self) -> nn.Module:
         """The run's model with fresh weights, to load a checkpoint of the run into."""
         cfg, info = self.config, self.info
-        if self.kind == "pretrain":
-            return DeiTForMaskedImageModeling(deit_config(info, cfg))
         if cfg.model.head == "cnn":
             return build_cnn(cfg.model.arch, len(info["id2label"]))
-        return STUDENTS[cfg.model.head](DeiTConfig.from_dict(info["model_config"]))
+        cls = DeiTForMaskedImageModeling if self.kind == "pretrain" else STUDENTS[cfg.model.head]
+        if "model_config" in info:
+            return cls(DeiTConfig.from_dict(info["model_config"]))
+        return cls(deit_config(cfg.model))  # a pretraining run written before run.json
 
     @property
     def id2label(self) -> dict[int, str] | None:
         labels = self.info.get("id2label")
         return None if labels is None else {int(k): v for k, v in labels.items()}
-
-
-def deit_config(info: dict[str, Any], cfg: Any) -> DeiTConfig:
-    """The pretrained model's DeiTConfig: from run.json, or (runs written before it) from the run config."""
-    if "model_config" in info:
-        return DeiTConfig.from_dict(info["model_config"])
-    return DeiTConfig(**deit_config_kwargs(cfg.model))
 
 
 def read_run(directory: str | Path) -> Run:
@@ -119,7 +133,7 @@ def prepare_output_dir(
     out = Path(cfg.output_dir)
     path = out / RUN_CONFIG
     if accelerator.is_main_process:
-        if path.is_file() and (out / "checkpoints" / "index.json").is_file():
+        if path.is_file() and latest_checkpoint(out) is not None:
             previous = _flatten(yaml.safe_load(path.read_text()) or {})
             current = _flatten(config_to_dict(cfg))
             changed = sorted(k for k in previous.keys() | current.keys() if previous.get(k) != current.get(k))
@@ -136,12 +150,6 @@ def prepare_output_dir(
     accelerator.wait_for_everyone()
 
 
-def image_processor(image_size: int, mean, std) -> DeiTImageProcessor:
-    """The evaluation preprocessing as a `preprocessor_config.json`: the shortest edge resized to timm's
-    floor(size / crop_pct), then a center crop; the same pixels as `simmim.data.eval_transform`."""
-    return eval_image_processor(image_size, mean, std)
-
-
 def export_model(model: nn.Module, directory: Path, cfg: Any, id2label: dict[int, str] | None = None) -> None:
     """The model as others load it: a Transformers-format DeiT directory (config.json, model.safetensors),
     or for `model.head=cnn` a CNN export; with preprocessor_config.json and the run config."""
@@ -152,7 +160,7 @@ def export_model(model: nn.Module, directory: Path, cfg: Any, id2label: dict[int
         save_cnn(model, directory, meta)
     else:
         model.save_pretrained(directory)
-    image_processor(cfg.model.image_size, cfg.data.mean, cfg.data.std).save_pretrained(directory)
+    eval_image_processor(cfg.model.image_size, cfg.data.mean, cfg.data.std).save_pretrained(directory)
     save_config(cfg, directory / EXPORT_CONFIG)
 
 
@@ -175,14 +183,10 @@ def _rebuild_legacy_student(run: Run) -> tuple[nn.Module, dict[int, str]]:
     """A fine-tuning run written before run.json: its labels come from the dataset and its architecture
     from the init checkpoint, both of which must still exist."""
     from simmim.data.sources import open_split
-    from simmim.finetune import build_student
+    from simmim.finetune import build_student  # here: simmim.finetune imports this module
 
     cfg = run.config
     id2label = dict(enumerate(open_split(cfg, cfg.data.train_split).class_names))
     if cfg.model.head == "cnn":
         return build_cnn(cfg.model.arch, len(id2label)), id2label
-    if cfg.model.init == "scratch":
-        return STUDENTS[cfg.model.head](
-            DeiTConfig(**deit_config_kwargs(cfg.model), id2label=id2label)
-        ), id2label
     return build_student(cfg, id2label)[0], id2label

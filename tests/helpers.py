@@ -20,6 +20,15 @@ TINY_ARCH = dict(
     image_size=32,
     patch_size=8,
 )
+
+
+def tiny_config(**overrides):
+    """The tiny DeiT's DeiTConfig (5 labels), with `overrides`."""
+    from simmim.models import DeiTConfig
+
+    return DeiTConfig(**{**TINY_ARCH, "encoder_stride": 8, "num_labels": 5, **overrides})
+
+
 # ... as `model.key=value` overrides of scripts/pretrain.py and scripts/finetune.py.
 TINY_MODEL = [f"model.{k}={v}" for k, v in TINY_ARCH.items()]
 

@@ -9,7 +9,7 @@ import pathlib
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY_ARCH, fill_random, max_diff
+from helpers import TINY_ARCH, fill_random, max_diff, tiny_config
 from safetensors.torch import load_file, save_file
 
 from simmim.models import (
@@ -45,10 +45,6 @@ OUTPUTS = {
     },
 }
 TINY = dict(TINY_ARCH, encoder_stride=8, num_labels=5)
-
-
-def tiny_config(**overrides) -> DeiTConfig:
-    return DeiTConfig(**{**TINY, **overrides})
 
 
 def inputs_for(name: str, batch: int = 3) -> tuple[torch.Tensor, dict]:

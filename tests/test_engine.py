@@ -93,7 +93,7 @@ def test_train_step_equals_a_hand_written_adamw_step(tmp_path):
     assert float(grad_norm) == pytest.approx(float(ref_norm), rel=1e-6)
     for p, q in zip(acc.unwrap_model(state.model).parameters(), ref.parameters()):
         torch.testing.assert_close(p, q)
-    images, skipped, mean_loss, _ = meter.flush(acc)
+    images, skipped, mean_loss, _ = meter.close_window(acc)
     assert (images, skipped) == (16, 0)
     assert mean_loss == pytest.approx((losses[0].item() + losses[1].item()) / 2)
 
@@ -120,14 +120,18 @@ def test_loss_meter_window_and_non_finite_stop(tmp_path):
     meter.add(torch.tensor(1.0), 4, step=0)
     meter.add(torch.tensor(3.0), 4, step=1)
     meter.skipped += 2
-    images, skipped, mean_loss, seconds = meter.flush(acc)
+    images, skipped, mean_loss, seconds = meter.close_window(acc)
     assert (images, skipped, mean_loss) == (8, 2, 2.0) and seconds >= 0
     assert (meter.micro_batches, meter.images, float(meter.loss_sum)) == (0, 0, 0.0)  # a new window
-    meter.check_finite(acc, None)  # nothing bad yet
+    checkpoints = CheckpointManager(tmp_path, acc)
+    meter.check_finite(acc, checkpoints)  # nothing bad yet
     meter.add(torch.tensor(float("nan")), 4, step=7)
     meter.add(torch.tensor(float("inf")), 4, step=9)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite at step 7; the last good checkpoint \(ck\)"):
-        meter.check_finite(acc, "ck")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite at step 7; no checkpoint had been saved yet"):
+        meter.check_finite(acc, checkpoints)
+    checkpoints.save(5, {"counters": {}})
+    with pytest.raises(NonFiniteLossError, match=r"the last good checkpoint \(.*step_0+5\) is intact"):
+        meter.check_finite(acc, checkpoints)
 
 
 def test_train_state_saves_and_resumes(tmp_path):
@@ -156,6 +160,6 @@ def test_too_many_unreadable_images_name_the_intact_checkpoint(tmp_path):
     state, _, _ = toy_state(tmp_path, accum=1)
     state.count(1000, 5, max_bad_fraction=0.01)  # 0.5%: tolerated
     with pytest.raises(
-        BadImageError, match=r"could not be decoded .*; the last good checkpoint \(None\) is intact"
+        BadImageError, match=r"could not be decoded .*; no checkpoint had been saved yet"
     ):
         state.count(0, 20, max_bad_fraction=0.01)

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import TINY_MODEL, tiny_data
+from helpers import TINY_MODEL, tiny_config, tiny_data
 from helpers import run_script as run
 from PIL import Image
 
@@ -119,8 +119,7 @@ def test_reconstruction_evaluation_builds_no_autograd_graph_and_grids_the_seeded
     from simmim.models import DeiTForMaskedImageModeling
     from simmim.reconstruction import evaluate_reconstruction, grid_indices
 
-    config = DeiTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                        image_size=32, patch_size=8, encoder_stride=8)  # fmt: skip
+    config = tiny_config(num_hidden_layers=1)
     source = open_source("synthetic", "validation", synthetic_image_size=32)  # 128 images
     dataset = MaskedImageDataset(source, eval_transform(32), MaskGenerator(32, 16, 8, 0.6))
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

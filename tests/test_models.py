@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, TINY_ARCH, fill_random, max_diff, script_env
+from helpers import ROOT, fill_random, max_diff, script_env, tiny_config
 
 from simmim.models import (
     DeiTConfig,
@@ -29,10 +29,6 @@ CLASSES = {
     "DeiTForImageClassification": DeiTForImageClassification,
     "DeiTForImageClassificationWithTeacher": DeiTForImageClassificationWithTeacher,
 }
-
-
-def tiny_config(**overrides) -> DeiTConfig:
-    return DeiTConfig(**{**TINY_ARCH, "encoder_stride": 8, "num_labels": 5, **overrides})
 
 
 def simmim_loss_by_loops(x: np.ndarray, rec: np.ndarray, mask: np.ndarray, p: int) -> float:

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 from helpers import run_script as run
+from helpers import tiny_config
 from test_pretrain_e2e import TINY, final_weights
 
 from simmim.data.sources import SubsetSource, balanced_subset, open_source
 from simmim.models import (
-    DeiTConfig,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
     DeiTForMaskedImageModeling,
@@ -117,8 +117,7 @@ def test_default_layers_are_evenly_spaced_and_end_with_the_last():
 
 
 def test_load_encoder_reads_every_checkpoint_kind(tmp_path):
-    config = DeiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                        image_size=32, patch_size=8, encoder_stride=8, layer_norm_eps=1e-6)  # fmt: skip
+    config = tiny_config(layer_norm_eps=1e-6, num_labels=2)  # 2: DeiTConfig's default
     torch.manual_seed(0)
     mim = DeiTForMaskedImageModeling(config)
     mim.save_pretrained(tmp_path / "mim")

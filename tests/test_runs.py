@@ -136,4 +136,4 @@ def test_too_many_unreadable_images_stop_with_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "could not be decoded" in last, last
-    assert "the last good checkpoint (None) is intact" in last
+    assert "no checkpoint had been saved yet" in last

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torchvision
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from simmim.models.checkpoint import WEIGHTS_NAME, read_state_dict
+
 CNN_CONFIG = "cnn_config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 def build_cnn(arch: str, num_classes: int) -> nn.Module:
@@ -41,5 +42,5 @@ def load_cnn(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
     """A CNN export -> (model in eval mode, its cnn_config.json)."""
     meta = read_cnn_config(directory)
     model = build_cnn(meta["arch"], len(meta["id2label"]))
-    model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_NAME)))
+    model.load_state_dict(read_state_dict(Path(directory) / WEIGHTS_NAME))
     return model.eval(), meta
