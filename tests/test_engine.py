@@ -159,7 +159,25 @@ def test_too_many_unreadable_images_name_the_intact_checkpoint(tmp_path):
 
     state, _, _ = toy_state(tmp_path, accum=1)
     state.count(1000, 5, max_bad_fraction=0.01)  # 0.5%: tolerated
-    with pytest.raises(
-        BadImageError, match=r"could not be decoded .*; no checkpoint had been saved yet"
-    ):
+    with pytest.raises(BadImageError, match=r"could not be decoded .*; no checkpoint had been saved yet"):
         state.count(0, 20, max_bad_fraction=0.01)
+
+
+def test_a_value_error_inside_the_loop_keeps_its_traceback(capsys):
+    """simmim.cli reports ValueError and OSError in one line, as a user's mistake; raised inside the loop
+    they are bugs or machine failures, and the command line must show their traceback."""
+    from types import SimpleNamespace
+
+    from simmim.cli import run_main
+    from simmim.engine import bugs_keep_their_traceback
+
+    def main():
+        with bugs_keep_their_traceback(SimpleNamespace(step=3)):
+            raise ValueError("boom")
+
+    with pytest.raises(RuntimeError, match="training stopped at step 3 by ValueError: boom") as info:
+        run_main(main)
+    assert isinstance(info.value.__cause__, ValueError)
+    # ... while the same error outside the loop is a user's mistake: one line, exit code 2.
+    assert run_main(lambda: (_ for _ in ()).throw(ValueError("data.path='x': no such dataset"))) == 2
+    assert capsys.readouterr().err == "error: data.path='x': no such dataset\n"
