@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The prepared GPU benchmark, for the H200 lent to some tasks (DEVELOPERS.md; the device tool's README):
+# the SimMIM step against Transformers (DeiT-B/16, DeiT-S/16, 224 px, bf16, compile off and on: img/s, peak
+# memory, MFU), simmim's step checked for host syncs, the loader with 14 workers on JPEGs of 224-500 px
+# against GPU decoding, and a 300-step `accelerate launch scripts/pretrain.py` end to end on those JPEGs.
+# One table (table.md) and the raw results go to $OUT.
+#
+#   bash benchmarks/gpu.sh                 # on the GPU machine: about 6 of its 8 minutes
+#   bash benchmarks/gpu.sh --tiny          # anywhere, on CPU: tiny sizes, to check that the script runs
+#
+# Setup there: that machine has torch, torchvision, accelerate, transformers, timm, tensorboard and
+# safetensors but not `datasets` (and pydantic may be missing): wheels carried in .whl/ (see the device
+# README for how they are downloaded here) are installed into /tmp/site, and simmim itself with --no-deps.
+# Each phase has its own time limit and a failed phase does not stop the others: the table says what ran.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+TINY=0
+[[ "${1:-}" == "--tiny" ]] && TINY=1
+OUT=${OUT:-runs/gpu_benchmark}
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+export PYTHONUNBUFFERED=1
+log() { echo "== $(date +%H:%M:%S) $*" | tee -a "$OUT/gpu.log"; }
+
+if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
+    log "installing carried wheels"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if ! python3 -c "import simmim" 2>/dev/null; then
+    log "installing simmim (--no-deps)"
+    python3 -m pip install -q --no-deps --no-build-isolation -e . || python3 -m pip install -q --no-deps -e .
+fi
+python3 - <<'EOF' | tee -a "$OUT/gpu.log"
+import torch, torchvision, accelerate, transformers
+print("torch", torch.__version__, "torchvision", torchvision.__version__, "accelerate", accelerate.__version__,
+      "transformers", transformers.__version__, "cuda", torch.cuda.is_available(),
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+EOF
+
+if [[ $TINY == 1 ]]; then
+    STEP_ARGS=(--tiny --steps 2 --warmup 1); IMAGES=64; WORKERS=2; BATCHES=3; LOADER_BATCH=16
+    E2E=(model.hidden_size=64 model.num_hidden_layers=2 model.num_attention_heads=2 model.intermediate_size=128
+         model.image_size=64 mask.patch_size=32 data.batch_size=8 train.max_steps=6 train.log_every_steps=2)
+    LAUNCH=(accelerate launch --num_processes 1 --cpu); STEP_LIMIT=300; E2E_LIMIT=300
+else
+    STEP_ARGS=(--steps 20 --warmup 5); IMAGES=2000; WORKERS=14; BATCHES=20; LOADER_BATCH=128
+    E2E=(model.variant=base model.image_size=224 data.batch_size=128 train.max_steps=300 train.log_every_steps=25)
+    LAUNCH=(accelerate launch --num_processes 1 --mixed_precision bf16); STEP_LIMIT=270; E2E_LIMIT=150
+fi
+
+log "step: simmim against Transformers"
+timeout "$STEP_LIMIT" python3 benchmarks/gpu_step.py "${STEP_ARGS[@]}" --out "$OUT/step.json" 2>&1 | tee -a "$OUT/gpu.log"
+
+log "JPEGs: $IMAGES of 224-500 px, and the loader with $WORKERS workers"
+timeout 120 python3 benchmarks/gpu_loader.py --make "$WORK/jpegs" --images "$IMAGES" --data "$WORK/jpegs" \
+    --workers "$WORKERS" --batch-size "$LOADER_BATCH" --batches "$BATCHES" --out "$OUT/loader.json" 2>&1 | tee -a "$OUT/gpu.log"
+
+log "end to end: accelerate launch scripts/pretrain.py on the JPEGs"
+timeout "$E2E_LIMIT" "${LAUNCH[@]}" scripts/pretrain.py data.path="$WORK/jpegs" data.val_fraction=0.02 \
+    data.num_workers="$WORKERS" train.epochs=1000 train.eval_every_steps=100000 train.save_every_steps=100000 \
+    "${E2E[@]}" output_dir="$WORK/e2e" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -20 | tee -a "$OUT/gpu.log"
+cp "$WORK/e2e/log.jsonl" "$OUT/e2e_log.jsonl" 2>/dev/null
+
+log "table"
+python3 benchmarks/gpu_table.py "$OUT" 2>&1 | tee -a "$OUT/gpu.log"
+rm -rf "$WORK"
