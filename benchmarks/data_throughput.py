@@ -4,11 +4,19 @@ against a plain PIL + torchvision-v1 pipeline (RandomResizedCrop, flip, ToTensor
     python benchmarks/data_throughput.py                      # ../shared/data/imagenette, 224 px
     python benchmarks/data_throughput.py --num-images 512 --rounds 5
 
-One process with one torch thread and num_workers=0, as inside one DataLoader worker; the two pipelines run
-alternately, batch by batch, so that both see the same machine load and a warm page cache. Target: >= 800 img/s.
+The same images are also read as streams (`data.streaming=true`) from webdataset tar shards and from
+parquet shards written to a temporary folder: a stream should reach >= 90% of the folder's rate per
+worker, decoding being the cost, not the container.
+
+One process with one torch thread and num_workers=0, as inside one DataLoader worker; the pipelines run
+alternately, batch by batch, so that all see the same machine load and a warm page cache. Target: >= 800 img/s.
 """
 
 import argparse
+import io
+import shutil
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,6 +74,29 @@ def interleaved_rates(loaders: dict[str, DataLoader], num_images: int) -> dict[s
     return {name: (num_images / wall[name], num_images / cpu[name]) for name in loaders}
 
 
+def write_shards(paths: list[str], labels: list[int], directory: Path, per_shard: int = 64) -> None:
+    """The images as they are, in tar shards (`<key>.jpg` + `<key>.cls`) and in parquet shards (the Hub's
+    layout, an Image column and a label column), 64 images a shard."""
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    for s, start in enumerate(range(0, len(paths), per_shard)):
+        part = range(start, min(start + per_shard, len(paths)))
+        with tarfile.open(directory / "tar" / f"train-{s:05d}.tar", "w") as tar:
+            for i in part:
+                for name, data in (
+                    (f"{i:08d}.jpg", Path(paths[i]).read_bytes()),
+                    (f"{i:08d}.cls", b"%d" % labels[i]),
+                ):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        rows = {"image": [{"bytes": Path(paths[i]).read_bytes(), "path": None} for i in part]}
+        rows["label"] = [labels[i] for i in part]
+        parquet = directory / "parquet" / "data" / f"train-{s:05d}.parquet"
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(parquet))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -82,25 +113,32 @@ def main() -> None:
     # spread over all classes rather than the first folder
     source = source.subset(np.linspace(0, len(source) - 1, args.num_images).astype(np.int64))
     paths = [source[i][2] for i in range(len(source))]  # also warms the page cache for both pipelines
-    ours = MaskedImageDataset(
-        source, pretrain_transform(args.image_size), MaskGenerator(args.image_size, 32, 16, 0.6)
-    )
-    ours_loader = build_loader(
-        ours,
-        batch_size=args.batch_size,
-        shuffle=True,
-        drop_last=False,
-        num_workers=0,
-        seed=0,
-        collate_fn=collate_pretrain,
-    )
+    shards = Path(tempfile.mkdtemp(prefix="simmim_shards_"))
+    for sub in ("tar", "parquet/data"):
+        (shards / sub).mkdir(parents=True)
+    write_shards(paths, [int(v) for v in source.labels()], shards)
+
+    def loader(images) -> DataLoader:
+        dataset = MaskedImageDataset(
+            images, pretrain_transform(args.image_size), MaskGenerator(args.image_size, 32, 16, 0.6)
+        )
+        options = dict(batch_size=args.batch_size, shuffle=True, drop_last=False, num_workers=0, seed=0)
+        return build_loader(dataset, collate_fn=collate_pretrain, **options)
+
     reference_loader = DataLoader(
         ReferenceImages(paths, args.image_size), batch_size=args.batch_size, shuffle=True, num_workers=0
     )
-
-    loaders = {"simmim": ours_loader, "reference": reference_loader}
-    interleaved_rates(loaders, len(paths))  # warm-up round, not counted
-    rounds = [interleaved_rates(loaders, len(paths)) for _ in range(args.rounds)]
+    loaders = {
+        "simmim": loader(source),
+        "tar": loader(open_source(str(shards / "tar"), "train", streaming=True, val_fraction=0)),
+        "parquet": loader(open_source(str(shards / "parquet"), "train", streaming=True, val_fraction=0)),
+        "reference": reference_loader,
+    }
+    try:
+        interleaved_rates(loaders, len(paths))  # warm-up round, not counted
+        rounds = [interleaved_rates(loaders, len(paths)) for _ in range(args.rounds)]
+    finally:
+        shutil.rmtree(shards)
     # (wall, cpu) img/s per pipeline, median over rounds
     rates = {name: np.median([r[name] for r in rounds], axis=0) for name in loaders}
 
@@ -108,12 +146,16 @@ def main() -> None:
     print("img/s per worker (median of rounds)     wall clock   CPU time")
     labels = {
         "simmim": "simmim (decode, v2 transform, mask)",
+        "tar": "  same, streamed from tar shards",
+        "parquet": "  same, streamed from parquet shards",
         "reference": "reference (PIL + v1 Compose)",
     }
     for name, (wall, cpu) in rates.items():
         print(f"{labels[name]:<38} {wall:10.0f} {cpu:10.0f}")
-    ratio = rates["simmim"] / rates["reference"]
-    print(f"{'ratio simmim / reference':<38} {ratio[0]:9.2f}x {ratio[1]:9.2f}x")
+    for name, peer in (("simmim", "reference"), ("tar", "simmim"), ("parquet", "simmim")):
+        ratio = rates[name] / rates[peer]
+        print(f"{f'ratio {name} / {peer}':<38} {ratio[0]:9.2f}x {ratio[1]:9.2f}x")
+    print("targets: simmim >= 800 img/s; a stream >= 0.90x the folder (simmim)")
 
 
 if __name__ == "__main__":

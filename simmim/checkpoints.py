@@ -4,6 +4,8 @@ Layout of `output_dir/checkpoints/`:
     index.json            {"latest": "step_00000100", "checkpoints": [... oldest first]}, replaced atomically
     step_00000100/        accelerate's state (model.safetensors, optimizer.bin, random_states_*.pkl, ...)
                           + trainer_state.json (step, counters) + extra safetensors files (EMA weights)
+                          + each process's own JSON files, e.g. stream_position_<rank>.json (a stream's
+                            loader state)
 A checkpoint is first written to `.tmp-step_...` and renamed once complete, and the index changes only
 after that, so a kill during a save leaves the previous checkpoint loadable. Resume reads the index, never
 directory names. Nothing here is unpickled: accelerate loads its files with weights_only=True.
@@ -28,6 +30,12 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def own_file_name(name: str, process_index: int) -> str:
+    """A process's own file in a checkpoint: "stream_position.json" -> "stream_position_1.json"."""
+    stem, suffix = os.path.splitext(name)
+    return f"{stem}_{process_index}{suffix}"
 
 
 def read_index(output_dir: str | Path) -> dict[str, Any]:
@@ -66,8 +74,10 @@ class CheckpointManager:
         step: int,
         trainer_state: dict[str, Any],
         tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+        own: dict[str, Any] | None = None,
     ) -> Path:
-        """Save the full training state at `step` (every process must call this)."""
+        """Save the full training state at `step` (every process must call this). `own`: this process's
+        JSON files, by name (saved as `own_file_name(name, process_index)`)."""
         acc = self.accelerator
         name = f"step_{step:08d}"
         final, tmp = self.dir / name, self.dir / f".tmp-{name}"
@@ -76,7 +86,9 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
-        acc.wait_for_everyone()  # every process's RNG file is in tmp before it is renamed
+        for file, content in (own or {}).items():
+            _write_json_atomic(tmp / own_file_name(file, acc.process_index), content)
+        acc.wait_for_everyone()  # every process's RNG and own files are in tmp before it is renamed
         if acc.is_main_process:
             for file, tensor_dict in (tensors or {}).items():
                 save_file({k: v.detach().cpu().contiguous() for k, v in tensor_dict.items()}, str(tmp / file))

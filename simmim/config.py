@@ -82,7 +82,15 @@ class DataConfig:
     )
     image_column: Str | None = Field(None, description="None = detect")
     label_column: Str | None = None
-    streaming: Bool = False
+    streaming: Bool = Field(
+        False,
+        description="read the data as a stream, shard by shard (a Hub dataset, a folder or glob of tar or "
+        "parquet shards, an image folder): for data too large to index; the run's length is then "
+        "train.max_steps",
+    )
+    shuffle_buffer: Int = Field(
+        1000, ge=0, description="streams: examples each loader worker shuffles among (0 = the shards' order)"
+    )
     batch_size: Int = Field(64, gt=0, description="per device")
     num_workers: Int = Field(4, ge=0)
     pin_memory: Bool = True
@@ -186,13 +194,20 @@ class OptimConfig:
     weight_decay: Float = Field(0.05, ge=0)
     betas: tuple[Beta, Beta] = (0.9, 0.999)
     eps: Float = Field(1e-8, gt=0)
-    warmup_epochs: Float = Field(10.0, ge=0)
+    warmup_epochs: Float | None = Field(
+        None,
+        ge=0,
+        description="linear warmup; None = optim.warmup_steps if set, else 10 epochs (0 on a stream)",
+    )
+    warmup_steps: Int | None = Field(None, ge=0, description="warmup in optimizer steps, instead of epochs")
     clip_grad: Float | None = Field(5.0, gt=0, description="max global grad norm; None = no clipping")
     layer_decay: Float = Field(1.0, gt=0, le=1, description="BEiT-style layer-wise lr decay; 1.0 = off")
     grad_accum_steps: Int = Field(1, gt=0)
 
     def __post_init__(self) -> None:
         _check(self.min_lr <= self.base_lr, "min_lr", self.min_lr, f"be <= optim.base_lr={self.base_lr}")
+        _check(self.warmup_epochs is None or self.warmup_steps is None, "warmup_steps", self.warmup_steps,
+               f"not be set with optim.warmup_epochs={self.warmup_epochs}: give one of the two")  # fmt: skip
 
 
 @dataclass(frozen=True, config=_STRICT_KEYS)
@@ -201,14 +216,22 @@ class TrainConfig:
 
     epochs: Int = Field(100, gt=0)
     max_steps: Int | None = Field(
-        None, gt=0, description="stop early after this many optimizer steps (the schedule keeps epochs)"
+        None,
+        gt=0,
+        description="stop early after this many optimizer steps (the schedule keeps epochs); with "
+        "data.streaming=true, the run's length and the schedule's",
     )
     save_every_steps: Int = Field(1000, gt=0)
     keep_last: Int = Field(2, gt=0)
     log_every_steps: Int = Field(50, gt=0)
-    eval_every_steps: Int = Field(1000, gt=0, description="pretraining's cadence")
-    eval_every_epochs: Int = Field(
-        1, gt=0, description="fine-tuning's cadence (and always after the last step)"
+    eval_every_steps: Int | None = Field(
+        None,
+        gt=0,
+        description="evaluate every this many steps (and after the last); None = 1000 for pretraining and "
+        "streams, train.eval_every_epochs for fine-tuning",
+    )
+    eval_every_epochs: Int | None = Field(
+        None, gt=0, description="fine-tuning without train.eval_every_steps: None = every epoch"
     )
     compile: Bool = False
     activation_checkpointing: Bool = Field(
@@ -318,6 +341,13 @@ class PretrainConfig:
         mp = self.mask.patch_size
         _check(mp % p == 0, "mask.patch_size", mp, f"be a multiple of model.patch_size={p}")
         _check(m.image_size % mp == 0, "mask.patch_size", mp, f"divide model.image_size={m.image_size}")
+        _check_stream_durations(self)
+        t = self.train
+        _check(not (d.streaming and t.snapshot_epochs), "train.snapshot_epochs", t.snapshot_epochs,
+               "be empty with data.streaming=true: a stream has no epochs")  # fmt: skip
+        _check(not (d.streaming and t.probe_every_steps and self.probe.data is None), "probe.data", None,
+               "name a labelled map-style dataset for train.probe_every_steps with data.streaming=true: the "
+               "probe draws seeded subsets, which a stream cannot")  # fmt: skip
         depth, layer = deit_config_kwargs(m)["num_hidden_layers"], self.probe.layer
         _check(
             layer is None or layer <= depth, "probe.layer", layer, f"be a block of the encoder (1..{depth})"
@@ -341,6 +371,10 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         m, t = self.model, self.train
         _check(m.head != "mim", "model.head", m.head, 'be "cls", "distill" or "cnn" for fine-tuning')
+        _check_stream_durations(self)
+        d = self.data
+        _check(not d.streaming or d.label_fraction == 1.0, "data.label_fraction", d.label_fraction,
+               "be 1.0 with data.streaming=true: a class-balanced subset needs every label up front")  # fmt: skip
         _check(not t.snapshot_epochs, "train.snapshot_epochs", t.snapshot_epochs,
                "be empty: snapshots are for pretraining")  # fmt: skip
         _check(t.probe_every_steps is None, "train.probe_every_steps", t.probe_every_steps,
@@ -353,6 +387,21 @@ class FinetuneConfig:
             _check(
                 m.head != "distill" or bool(value), f"teacher.{key}", value, 'be set for model.head "distill"'
             )
+
+
+def _check_stream_durations(cfg: PretrainConfig | FinetuneConfig) -> None:
+    """A stream has no length: its run is measured in steps, and nothing may be given in epochs."""
+    if not cfg.data.streaming:
+        return
+    t, o = cfg.train, cfg.optim
+    _check(t.max_steps is not None, "train.max_steps", t.max_steps,
+           "be set with data.streaming=true: a stream has no length, so the run's length is in steps")  # fmt: skip
+    _check(o.warmup_epochs is None, "optim.warmup_epochs", o.warmup_epochs,
+           "be unset with data.streaming=true (a stream has no epochs): give optim.warmup_steps")  # fmt: skip
+    _check(t.eval_every_epochs is None, "train.eval_every_epochs", t.eval_every_epochs,
+           "be unset with data.streaming=true (a stream has no epochs): give train.eval_every_steps")  # fmt: skip
+    _check(not cfg.data.holdout_from_train, "data.holdout_from_train", True,
+           "be false with data.streaming=true: the holdout carve needs a map-style source")  # fmt: skip
 
 
 # ModelConfig fields that are not DeiTConfig arguments.

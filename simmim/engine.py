@@ -8,6 +8,7 @@ same weights as an uninterrupted one (see `simmim.checkpoints` and `simmim.data.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -24,7 +25,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from simmim.checkpoints import CheckpointManager
+from simmim.checkpoints import CheckpointManager, own_file_name
 from simmim.config import DataConfig, OptimConfig, TrainConfig
 from simmim.data import BadImageError, build_loader, check_bad_fraction
 from simmim.optim import ModelEma, lr_at, param_groups, scaled_lr, set_lr
@@ -40,12 +41,17 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+DEFAULT_WARMUP_EPOCHS = 10.0  # optim.warmup_epochs and optim.warmup_steps both unset, map-style data
+DEFAULT_EVAL_EVERY_STEPS = 1000  # train.eval_every_steps unset: pretraining, and fine-tuning on a stream
+
+
 @dataclass(frozen=True)
 class Schedule:
-    """Durations turned into optimizer steps once, from the data size and the global batch."""
+    """Durations turned into optimizer steps once, from the data size and the global batch; a stream
+    (`num_samples` None) has no epochs, and its durations are steps already (train.max_steps)."""
 
-    micro_batches_per_epoch: int  # per process, = samples // (batch_size * world_size)
-    steps_per_epoch: int
+    micro_batches_per_epoch: int | None  # per process, = samples // (batch_size * world_size)
+    steps_per_epoch: int | None  # None: a stream
     total_steps: int  # where training stops (max_steps cap applied)
     schedule_steps: int  # where the cosine ends (epochs * steps_per_epoch)
     warmup_steps: int
@@ -55,8 +61,24 @@ class Schedule:
 
     @classmethod
     def build(
-        cls, num_samples: int, data: DataConfig, optim: OptimConfig, train: TrainConfig, world_size: int
+        cls,
+        num_samples: int | None,
+        data: DataConfig,
+        optim: OptimConfig,
+        train: TrainConfig,
+        world_size: int,
     ):
+        global_batch = data.batch_size * world_size * optim.grad_accum_steps
+        lrs = dict(
+            peak_lr=scaled_lr(optim.base_lr, global_batch), min_lr=scaled_lr(optim.min_lr, global_batch)
+        )
+        if num_samples is None:
+            if train.max_steps is None or optim.warmup_epochs is not None:
+                raise ValueError(
+                    "a stream's schedule needs train.max_steps, and warmup in optim.warmup_steps"
+                )
+            steps = train.max_steps
+            return cls(None, None, steps, steps, optim.warmup_steps or 0, global_batch, **lrs)
         micro = num_samples // (data.batch_size * world_size)
         steps_per_epoch = micro // optim.grad_accum_steps
         if steps_per_epoch == 0:
@@ -65,19 +87,22 @@ class Schedule:
                 f"(data.batch_size={data.batch_size} x {world_size} processes x optim.grad_accum_steps="
                 f"{optim.grad_accum_steps}); lower the batch size or use more data"
             )
-        global_batch = data.batch_size * world_size * optim.grad_accum_steps
         schedule_steps = train.epochs * steps_per_epoch
         total = schedule_steps if train.max_steps is None else min(schedule_steps, train.max_steps)
-        return cls(
-            micro_batches_per_epoch=micro,
-            steps_per_epoch=steps_per_epoch,
-            total_steps=total,
-            schedule_steps=schedule_steps,
-            warmup_steps=round(optim.warmup_epochs * steps_per_epoch),
-            global_batch=global_batch,
-            peak_lr=scaled_lr(optim.base_lr, global_batch),
-            min_lr=scaled_lr(optim.min_lr, global_batch),
-        )
+        if optim.warmup_steps is not None:
+            warmup = optim.warmup_steps
+        else:
+            warmup_epochs = DEFAULT_WARMUP_EPOCHS if optim.warmup_epochs is None else optim.warmup_epochs
+            warmup = round(warmup_epochs * steps_per_epoch)
+        return cls(micro, steps_per_epoch, total, schedule_steps, warmup, global_batch, **lrs)
+
+    @property
+    def is_stream(self) -> bool:
+        return self.steps_per_epoch is None
+
+    def epoch(self, step: int) -> float | None:
+        """Epochs done after `step` steps (None on a stream)."""
+        return None if self.is_stream else step / self.steps_per_epoch
 
     def lr(self, step: int) -> float:
         return lr_at(
@@ -147,27 +172,30 @@ def move_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     }
 
 
+def loader_options(cfg: Any, acc: Accelerator, collate_fn: Callable) -> dict[str, Any]:
+    """`build_loader`'s arguments for this process's share of the training data."""
+    return dict(
+        batch_size=cfg.data.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+        pin_memory=cfg.data.pin_memory and acc.device.type == "cuda",
+        collate_fn=collate_fn,
+    )
+
+
 def micro_batches(
     train_set, collate_fn, cfg, schedule: Schedule, step: int, acc: Accelerator
 ) -> Iterator[dict]:
-    """Micro-batches from optimizer step `step` onwards, epoch after epoch, with the loader placed exactly."""
-    accum = cfg.optim.grad_accum_steps
+    """Micro-batches of map-style data from optimizer step `step` onwards, epoch after epoch, with the
+    loader placed exactly."""
+    accum, options = cfg.optim.grad_accum_steps, loader_options(cfg, acc, collate_fn)
     epoch, step_in_epoch = divmod(step, schedule.steps_per_epoch)
     while True:
-        loader = build_loader(
-            train_set,
-            batch_size=cfg.data.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=cfg.data.num_workers,
-            seed=cfg.seed,
-            epoch=epoch,
-            start_batch=step_in_epoch * accum,
-            rank=acc.process_index,
-            world_size=acc.num_processes,
-            pin_memory=cfg.data.pin_memory and acc.device.type == "cuda",
-            collate_fn=collate_fn,
-        )
+        loader = build_loader(train_set, epoch=epoch, start_batch=step_in_epoch * accum, **options)
         # Micro-batches past the last whole optimizer step of the epoch are not used.
         remaining = (schedule.steps_per_epoch - step_in_epoch) * accum
         for i, batch in enumerate(loader):
@@ -248,10 +276,12 @@ class TrainState:
     checkpoints: CheckpointManager
     step: int = 0
     counters: Counters = field(default_factory=Counters)
+    stream_position: dict[str, Any] | None = None  # a stream: this process's loader state at `step`
 
     @classmethod
-    def start(cls, cfg: Any, model: nn.Module, acc: Accelerator, num_samples: int) -> TrainState:
-        """AdamW over the model's parameter groups, the EMA, and the newest checkpoint's state if any."""
+    def start(cls, cfg: Any, model: nn.Module, acc: Accelerator, num_samples: int | None) -> TrainState:
+        """AdamW over the model's parameter groups, the EMA, and the newest checkpoint's state if any
+        (`num_samples`: the training split's size, None for a stream)."""
         schedule = Schedule.build(num_samples, cfg.data, cfg.optim, cfg.train, acc.num_processes)
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
         # Fused on CUDA: one kernel for the whole update instead of a few per tensor group.
@@ -275,18 +305,27 @@ class TrainState:
         if latest is not None:
             saved, path = state.checkpoints.load(latest)
             state.step, state.counters = saved["step"], Counters(**saved["counters"])
+            if schedule.is_stream:
+                state.stream_position = read_stream_position(path, cfg.data.num_workers, acc)
             if ema is not None:
                 ema.load_state_dict(state.checkpoints.load_tensors(path, "ema.safetensors"))
             acc.print(f"resuming from {path} at step {state.step}/{schedule.total_steps}")
+        size = (
+            "a stream of training images"
+            if schedule.is_stream
+            else f"{num_samples} training images, {schedule.steps_per_epoch} steps/epoch"
+        )
         acc.print(
-            f"{num_samples} training images, global batch {schedule.global_batch}, {schedule.steps_per_epoch} "
-            f"steps/epoch, {schedule.total_steps} steps, peak lr {schedule.peak_lr:.3g}"
+            f"{size}, global batch {schedule.global_batch}, {schedule.total_steps} steps, "
+            f"peak lr {schedule.peak_lr:.3g}"
         )
         return state
 
-    def save(self) -> None:
+    def save(self, stream_position: dict[str, Any] | None = None) -> None:
+        """A checkpoint at `self.step`; `stream_position`: this process's loader state, for a stream."""
         tensors = {"ema.safetensors": self.ema.state_dict()} if self.ema is not None else None
-        self.checkpoints.save(self.step, {"counters": self.counters.__dict__}, tensors)
+        own = {STREAM_POSITION: stream_position} if stream_position is not None else None
+        self.checkpoints.save(self.step, {"counters": self.counters.__dict__}, tensors, own)
 
     def count(self, images: int, skipped: int, max_bad_fraction: float) -> None:
         """Add a flushed window's images; stop when too many could not be decoded."""
@@ -307,6 +346,28 @@ def intact(checkpoints: CheckpointManager) -> str:
     return f"the last good checkpoint ({latest}) is intact: run the same command again to resume from it"
 
 
+STREAM_POSITION = "stream_position.json"  # per process: stream_position_<rank>.json
+
+
+def read_stream_position(path: Path, num_workers: int, acc: Accelerator) -> dict[str, Any]:
+    """This process's stream loader state in checkpoint `path`, checked against the run's loader workers:
+    the state holds one position per worker, so a resumed stream needs the same number."""
+    file = path / own_file_name(STREAM_POSITION, acc.process_index)
+    if not file.is_file():
+        raise ValueError(
+            f"{path} holds no {file.name}: it was not saved by a streaming run (data.streaming=true), or by "
+            "fewer processes; resume it as it was run"
+        )
+    position = json.loads(file.read_text())
+    if position["num_workers"] != num_workers:
+        raise ValueError(
+            f"data.num_workers={num_workers}, but {path} was saved by a stream read with "
+            f"data.num_workers={position['num_workers']}: each worker's position is saved, so resume with "
+            f"data.num_workers={position['num_workers']}"
+        )
+    return position
+
+
 class TrainBatches:
     """The loop's micro-batches on the device from the state's step on, each with its loss weight.
 
@@ -314,17 +375,39 @@ class TrainBatches:
     process (DDP all-reduces), so the last readable batch goes through again with weight 0; a process whose
     first micro-batch was unreadable reads one from the start of the split (`fallback_batch`)."""
 
-    def __init__(self, batches: Iterator[dict], device: torch.device, fallback: Callable[[], dict]) -> None:
+    def __init__(
+        self,
+        batches: Iterator[dict],
+        device: torch.device,
+        fallback: Callable[[], dict],
+        stream_loader: Any = None,
+    ) -> None:
         self.batches, self.device, self.fallback = batches, device, fallback
+        self.stream_loader = stream_loader  # a stream's StatefulDataLoader, whose state a checkpoint keeps
         self.last: dict[str, Any] | None = None
 
     @classmethod
     def of_run(cls, train_set, collate_fn: Callable, cfg: Any, state: TrainState, acc: Accelerator):
-        return cls(
-            micro_batches(train_set, collate_fn, cfg, state.schedule, state.step, acc),
-            acc.device,
-            fallback=lambda: fallback_batch(train_set, cfg, collate_fn, acc.device),
+        fallback = lambda: fallback_batch(train_set, cfg, collate_fn, acc.device)  # noqa: E731
+        if not state.schedule.is_stream:
+            batches = micro_batches(train_set, collate_fn, cfg, state.schedule, state.step, acc)
+            return cls(batches, acc.device, fallback)
+        # One loader for the whole run, each of its workers reading pass after pass, placed where the
+        # checkpoint's loader state says (simmim.data.loader._StreamedItems).
+        loader = build_loader(
+            train_set,
+            repeat=True,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            stream_state=state.stream_position and state.stream_position["loader"],
+            **loader_options(cfg, acc, collate_fn),
         )
+        return cls(iter(loader), acc.device, fallback, stream_loader=loader)
+
+    def stream_position(self) -> dict[str, Any] | None:
+        """The stream loader's state after the micro-batches taken so far (None for map-style data)."""
+        if self.stream_loader is None:
+            return None
+        return {"num_workers": self.stream_loader.num_workers, "loader": self.stream_loader.state_dict()}
 
     def next(self) -> tuple[dict[str, Any], bool, int]:
         """(batch, whether it is this micro-batch's own, images skipped while reading it)."""
@@ -379,11 +462,13 @@ def evaluate_and_keep_best(
     """Evaluate the model (and its EMA); with `select_metric`, export whichever is the best so far."""
     model, step, counters, ema = state.model, state.step, state.counters, state.ema
     # The unwrapped model: DDP's forward can sync buffers, and ranks may hold unequal shares of the split.
-    metrics = evaluate(acc.unwrap_model(model), step, log)
+    unwrapped = acc.unwrap_model(model)
+    broadcast_buffers(unwrapped, acc)
+    metrics = evaluate(unwrapped, step, log)
     if ema is not None:
         metrics.update({f"ema_{k}": v for k, v in evaluate(ema.module, step, log).items()})
     log.write(step, metrics, kind="eval")
-    counters.history.append({"step": step, "epoch": step / state.schedule.steps_per_epoch, **metrics})
+    counters.history.append({"step": step, "epoch": state.schedule.epoch(step), **metrics})
     if select_metric and metrics:
         candidates = [(metrics[select_metric], False)]
         if ema is not None:
@@ -392,8 +477,18 @@ def evaluate_and_keep_best(
         if not counters.best or value > counters.best[select_metric]:
             counters.best = {select_metric: value, "step": step, "ema": is_ema}
             if acc.is_main_process:
-                export(ema.module if is_ema else acc.unwrap_model(model), out / EXPORT_DIR)
+                export(ema.module if is_ema else unwrapped, out / EXPORT_DIR)
     acc.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+
+def broadcast_buffers(model: nn.Module, acc: Accelerator) -> None:
+    """Every process's buffers (BatchNorm's running statistics) set to the main process's, before an
+    evaluation: DDP broadcasts them at the start of each forward, so after a step each process holds its
+    own batch's update, and the ranks would evaluate different models. Rank 0's are the ones exported.
+    (SyncBatchNorm would instead change training itself, to statistics over the global batch.)"""
+    if acc.num_processes > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
 
 
 @contextmanager
@@ -434,19 +529,19 @@ def train(
     """Train `model` on `train_set` with `loss_fn(prepared_model, batch) -> loss`; returns the counters
     (also in the checkpoints' trainer_state.json). `cfg` is a PretrainConfig or FinetuneConfig.
 
-    `evaluate(unwrapped_model, step, log) -> {name: value}` runs every `train.eval_every_steps` (with
-    `eval_each_epoch`: every `train.eval_every_epochs` epochs) and at the end. `export(model, directory)`
+    `evaluate(unwrapped_model, step, log) -> {name: value}` runs every `evaluation_cadence` steps
+    (`eval_each_epoch`: by epochs unless train.eval_every_steps is set) and at the end. `export(model, directory)`
     writes an export; with `select_metric` (higher is better, EMA weights compete too) `output_dir/export`
     holds the best evaluated weights, without it the final ones. `probe(unwrapped_model)` runs on the main
     process every `train.probe_every_steps` and at the end (pretraining's online probe)."""
     acc, out, t = accelerator, Path(cfg.output_dir), cfg.train
-    state = TrainState.start(cfg, model, acc, len(train_set))
+    state = TrainState.start(cfg, model, acc, None if train_set.source.is_streaming else len(train_set))
     schedule, model = state.schedule, state.model
     log = RunLog(out, acc.is_main_process, resume_step=state.step)
     log_run_header(log, state, acc, t.precision)
     batches = TrainBatches.of_run(train_set, collate_fn, cfg, state, acc)
     meter = LossMeter(acc.device)
-    eval_every = schedule.steps_per_epoch * t.eval_every_epochs if eval_each_epoch else t.eval_every_steps
+    eval_every = evaluation_cadence(t, schedule, eval_each_epoch)
     model.train()
     stopping = 0
     progress = dict(total=schedule.total_steps, initial=state.step, disable=not acc.is_main_process)
@@ -470,7 +565,7 @@ def train(
             if probe is not None and t.probe_every_steps and (step % t.probe_every_steps == 0 or last):
                 with evaluation_mode(model):
                     run_probe(probe, acc.unwrap_model(model), step, log, acc)
-            epoch_done, in_epoch = divmod(step, schedule.steps_per_epoch)
+            epoch_done, in_epoch = divmod(step, schedule.steps_per_epoch or step + 1)  # a stream: no epoch
             if in_epoch == 0 and epoch_done in t.snapshot_epochs and acc.is_main_process:
                 # Before the save of this step: a run killed in between redoes the step and the snapshot.
                 export_snapshot(export, acc.unwrap_model(model), out / SNAPSHOTS_DIR / f"epoch_{epoch_done}")
@@ -479,7 +574,7 @@ def train(
                 meter.check_finite(acc, state.checkpoints)
                 # A save closes the logging window too: the checkpoint's counters hold every image so far.
                 close_window(meter, state, acc, cfg.data)
-                state.save()
+                state.save(batches.stream_position())
             if stopping:
                 break
     log.close()
@@ -490,6 +585,16 @@ def train(
         export(acc.unwrap_model(model), out / EXPORT_DIR)
     acc.wait_for_everyone()
     return {"step": state.step, **state.counters.__dict__}
+
+
+def evaluation_cadence(t: TrainConfig, schedule: Schedule, by_epoch: bool) -> int:
+    """Steps between evaluations: train.eval_every_steps when set; else (`by_epoch`, fine-tuning on
+    map-style data) every train.eval_every_epochs epochs, or 1000 steps."""
+    if t.eval_every_steps is not None:
+        return t.eval_every_steps
+    if by_epoch and not schedule.is_stream:
+        return schedule.steps_per_epoch * (t.eval_every_epochs or 1)
+    return DEFAULT_EVAL_EVERY_STEPS
 
 
 def log_run_header(log: RunLog, state: TrainState, acc: Accelerator, precision: str) -> None:
@@ -520,7 +625,7 @@ def close_window(meter: LossMeter, state: TrainState, acc: Accelerator, data: Da
         "loss": mean_loss,
         "lr": schedule.lr(state.step - 1),
         "img_per_s": images / seconds,
-        "epoch": state.step / schedule.steps_per_epoch,
+        **({} if schedule.is_stream else {"epoch": schedule.epoch(state.step)}),
         "images_skipped": state.counters.images_skipped,
     }
 

@@ -223,17 +223,17 @@ def evaluate_classifier(model: nn.Module, loader, accelerator, num_classes: int)
 
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune; writes checkpoints, logs, `metrics.json` and the best model to `output_dir/export`."""
-    if cfg.data.streaming:
-        raise ValueError(
-            "data.streaming=true is not supported by fine-tuning yet: the schedule needs the data size"
-        )
     accelerator = make_accelerator(cfg.train.precision)
     set_seed(cfg.seed)
     d, head = cfg.data, cfg.model.head
     train_source, val_source = open_split(cfg, d.train_split), open_split(cfg, d.val_split)
     if not train_source.class_names:
         raise ValueError(
-            f"data.path={d.path!r} has no labels: fine-tuning needs class folders or a label column"
+            f"data.path={d.path!r} has no class names: fine-tuning needs class folders, a ClassLabel "
+            "column, or integer labels with the class names in an index.json beside the shards (as "
+            "scripts/make_shards.py writes)"
+            if train_source.has_labels
+            else f"data.path={d.path!r} has no labels: fine-tuning needs class folders or a label column"
         )
     id2label = dict(enumerate(train_source.class_names))
     num_classes = len(id2label)

@@ -45,10 +45,6 @@ def mask_generator(cfg: PretrainConfig, mask_ratio: float | None = None) -> Mask
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain; writes checkpoints, logs and `output_dir/export`. Returns the engine's summary."""
-    if cfg.data.streaming:
-        raise ValueError(
-            "data.streaming=true is not supported by pretraining yet: the schedule needs the data size"
-        )
     accelerator = make_accelerator(cfg.train.precision)
     set_seed(cfg.seed)
     model = build_model(cfg)
@@ -126,7 +122,12 @@ def online_probe(cfg: PretrainConfig) -> OnlineProbe:
     """The kNN probe of `train.probe_every_steps`: seeded subsets of a labelled dataset's two splits."""
     p, d = cfg.probe, cfg.data
     # The run's own splits (its columns, its train holdout) unless probe.data names another dataset.
-    probed = cfg if p.data is None else dataclasses.replace(cfg, data=dataclasses.replace(d, path=p.data))
+    # probe.data is read map-style even when the run streams: the probe draws seeded subsets of it.
+    probed = (
+        cfg
+        if p.data is None
+        else dataclasses.replace(cfg, data=dataclasses.replace(d, path=p.data, streaming=False))
+    )
     bank, queries = open_split(probed, d.train_split), open_split(probed, d.val_split)
     if not bank.has_labels:
         raise ValueError(

@@ -1,6 +1,7 @@
 """Tests for simmim.data: sources, robust decoding, transforms, seeded batching and collation."""
 
 import io
+import json
 import logging
 import math
 import shutil
@@ -359,8 +360,8 @@ def test_streaming_huggingface_dataset(cifar_slice, no_shutdown_sleep):
     labels = _parquet_labels(cifar_slice / "plain_text" / "train-00000-of-00001.parquet")
     assert [label for _, label, _ in source] == labels
 
-    # node sharding: two processes see disjoint halves that cover the split
-    parts = [[image.tobytes() for image, _, _ in source.stream(rank=r, world_size=2)] for r in range(2)]
+    # two readers (one parquet shard: they split its examples) see disjoint halves that cover the split
+    parts = [[name for _, _, name in source.stream(reader=r, readers=2)] for r in range(2)]
     assert len(parts[0]) + len(parts[1]) == 64
     assert not set(parts[0]) & set(parts[1])
 
@@ -380,7 +381,7 @@ def test_streaming_huggingface_dataset(cifar_slice, no_shutdown_sleep):
         assert batches[0]["bool_masked_pos"].shape == (8, 64)
 
 
-def test_streaming_resume_skips_to_the_same_batches(cifar_slice, no_shutdown_sleep):
+def test_streaming_resume_from_the_loader_state_gives_the_same_batches(cifar_slice, no_shutdown_sleep):
     dataset = MaskedImageDataset(
         open_source(str(cifar_slice), "train", streaming=True),
         pretrain_transform(32),
@@ -390,8 +391,13 @@ def test_streaming_resume_skips_to_the_same_batches(cifar_slice, no_shutdown_sle
         batch_size=8, shuffle=True, drop_last=False, num_workers=0, seed=0, collate_fn=collate_pretrain
     )
     full = _collect(build_loader(dataset, **options))
-    resumed = _collect(build_loader(dataset, start_batch=5, **options))
-    assert len(resumed) == 3
+    loader = build_loader(dataset, **options)
+    batches = iter(loader)
+    for _ in range(5):
+        next(batches)
+    state = json.loads(json.dumps(loader.state_dict()))  # as a checkpoint keeps it
+    resumed = _collect(build_loader(dataset, stream_state=state, **options))
+    assert len(full) == 8 and len(resumed) == 3
     for a, b in zip(full[5:], resumed):
         assert torch.equal(a["pixel_values"], b["pixel_values"])
         assert torch.equal(a["bool_masked_pos"], b["bool_masked_pos"])
@@ -403,6 +409,7 @@ def test_streaming_carved_validation_split(tmp_path, cifar_slice):
         split: [
             image.tobytes()
             for image, _, _ in open_source(str(tmp_path), split, streaming=True, val_fraction=0.25)
+            if image is not None
         ]
         for split in ("train", "validation")
     }

@@ -9,19 +9,25 @@ sees the same crops, flips and masks with 0, 1 or N workers, and 2 processes x b
 
 from __future__ import annotations
 
+import itertools
 import logging
 import signal
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from simmim.data.sources import ImageSource
 from simmim.masking import MaskGenerator
 
 logger = logging.getLogger("simmim.data")
+
+# torchdata 0.11's StatefulDataLoader calls torch.set_vital, which torch >= 2.9 deprecates, on every iter()
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 Item = dict[str, Any]
 
@@ -138,48 +144,79 @@ class LabeledImageDataset(_TransformedImages):
 
 
 class _StreamedItems(IterableDataset):
-    """A wrapper dataset over a streaming source, for one process: this process's share of the stream
-    (`split_dataset_by_node`), split again among DataLoader workers. Seeds come from (seed, epoch, rank,
-    worker, position), so unlike map-style sources the samples depend on the number of workers."""
+    """A stream's items for one process, split among its DataLoader workers (see `simmim.data.streams`:
+    worker w of process r is reader r*W + w). With `repeat`, each worker reads pass after pass without end
+    (training: the step count, not the data, ends the run), else one pass (evaluation).
+
+    Its position is `{"pass", "in_pass", "position"}`: the pass being read, how many of that pass's examples
+    (in the shuffled order, decoded or not) are behind, and how many the reader has yielded in all. It
+    follows the Stateful protocol (`state_dict`/`load_state_dict`), which torchdata's `StatefulDataLoader`
+    calls inside each worker after each batch, so a loader's state is exact at any batch. A resumed reader
+    starts at its saved pass and passes over that pass's first `in_pass` examples without decoding them:
+    the shuffle buffer is refilled from the same examples in the same order, so it yields what the
+    uninterrupted run would have. Seeds come from (seed, reader, position), so unlike map-style sources the
+    samples depend on the number of processes and workers."""
 
     def __init__(
         self,
         dataset: _TransformedImages,
         *,
-        batch_size: int,
         shuffle: bool,
         seed: int,
-        epoch: int,
-        start_batch: int,
         rank: int,
         world_size: int,
+        repeat: bool,
+        shuffle_buffer: int,
     ) -> None:
         self.dataset = dataset
-        self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
-        self.epoch = epoch
-        self.start_batch = start_batch
         self.rank = rank
         self.world_size = world_size
+        self.repeat = repeat
+        self.shuffle_buffer = shuffle_buffer
+        self._start = {"pass": 0, "in_pass": 0, "position": 0}
+        self._now = dict(self._start)
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self._now)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._start = {key: int(state[key]) for key in ("pass", "in_pass", "position")}
+        self._now = dict(self._start)
 
     def __iter__(self) -> Iterator[Item | None]:
+        source = self.dataset.source
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        # the DataLoader takes batches from its workers in turn: batch j was worker (j % num_workers)'s
-        skip = len(range(worker_id, self.start_batch, num_workers)) * self.batch_size
-        samples = self.dataset.source.stream(
-            rank=self.rank,
-            world_size=self.world_size,
-            shuffle=self.shuffle,
-            seed=self.seed,
-            epoch=self.epoch,
-            skip=skip,
-            decode_size=self.dataset.decode_size,
-        )
-        for position, (image, label, name) in enumerate(samples, start=skip):
-            sample_seed = derive_seed(self.seed, self.epoch, self.rank, worker_id, position)
-            yield self.dataset.make_item(image, label, name, position, sample_seed)
+        reader, readers = self.rank * num_workers + worker_id, self.world_size * num_workers
+        start = self._start
+        position = start["position"]
+        for pass_index in itertools.count(start["pass"]) if self.repeat else (start["pass"],):
+            skip = start["in_pass"] if pass_index == start["pass"] else 0
+            read = 0
+            for raw in source.stream(
+                reader=reader,
+                readers=readers,
+                shuffle=self.shuffle,
+                seed=self.seed,
+                pass_index=pass_index,
+                shuffle_buffer=self.shuffle_buffer,
+            ):
+                read += 1
+                if read <= skip:
+                    continue
+                # the position after this item: what a snapshot taken once it is batched must say
+                self._now = {"pass": pass_index, "in_pass": read, "position": position + 1}
+                image, label, name = source.decode(raw, self.dataset.decode_size)
+                sample_seed = derive_seed(self.seed, reader, readers, position)
+                yield self.dataset.make_item(image, label, name, position, sample_seed)
+                position += 1
+            if self.repeat and read == 0:
+                raise ValueError(
+                    f"reader {reader} of {readers} (process {self.rank}, loader worker {worker_id}) got no "
+                    f"example in a whole pass over {source}: use fewer processes or loader workers"
+                )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -316,26 +353,42 @@ def build_loader(
     world_size: int = 1,
     pin_memory: bool = False,
     collate_fn: Callable[[list], dict],
+    repeat: bool = False,
+    shuffle_buffer: int = 1000,
+    stream_state: dict[str, Any] | None = None,
 ) -> DataLoader:
     """A DataLoader over this process's share of one epoch, starting at global batch `start_batch`.
 
     Map-style sources use `EpochBatchSampler` (exact resume, results independent of workers and of the
     world size at a fixed global batch); its `set_epoch` moves a persistent-worker loader to another epoch.
-    Streaming sources are wrapped in an IterableDataset sharded by node and worker; their length is unknown,
-    and resuming skips each worker's share of the first `start_batch` batches.
+    Streaming sources are wrapped in an IterableDataset read by every process and worker (`_StreamedItems`)
+    and loaded by torchdata's `StatefulDataLoader`: their length is unknown, `epoch` and `start_batch` are
+    not used, and a run resumes from the loader's `state_dict()` (JSON-safe), given back as `stream_state`.
 
     Args:
         batch_size: per process.
         drop_last: drop the final incomplete global batch (training).
+        repeat: streams only: read pass after pass without end (training), else one pass (evaluation).
+        shuffle_buffer: streams only: examples a reader shuffles among (`simmim.data.streams`).
+        stream_state: streams only: a `state_dict()` of the same loader (same processes and workers).
     """
     # the DataLoader draws its workers' base seed from this rather than from (and so moving) the global RNG
     generator = torch.Generator().manual_seed(derive_seed(seed, epoch, rank))
-    order = dict(
-        shuffle=shuffle, seed=seed, epoch=epoch, start_batch=start_batch, rank=rank, world_size=world_size
-    )
     if dataset.source.is_streaming:
-        return DataLoader(
-            _StreamedItems(dataset, batch_size=batch_size, **order),
+        if start_batch:
+            raise ValueError("a stream resumes from its loader's state_dict (stream_state), not start_batch")
+        items = _StreamedItems(
+            dataset,
+            shuffle=shuffle,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            repeat=repeat,
+            shuffle_buffer=shuffle_buffer,
+        )
+        # A snapshot of every worker's position after every batch: the state is exact wherever a run saves.
+        loader = StatefulDataLoader(
+            items,
             batch_size=batch_size,
             drop_last=drop_last,
             num_workers=num_workers,
@@ -343,10 +396,15 @@ def build_loader(
             collate_fn=collate_fn,
             generator=generator,
             worker_init_fn=_ignore_stop_signals,
+            snapshot_every_n_steps=1,
         )
+        if stream_state is not None:
+            loader.load_state_dict(stream_state)
+        return loader
+    order = dict(shuffle=shuffle, seed=seed, start_batch=start_batch, rank=rank, world_size=world_size)
     return DataLoader(
         dataset,
-        batch_sampler=EpochBatchSampler(len(dataset), batch_size, drop_last=drop_last, **order),
+        batch_sampler=EpochBatchSampler(len(dataset), batch_size, drop_last=drop_last, epoch=epoch, **order),
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,

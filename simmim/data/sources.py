@@ -8,11 +8,11 @@ When a source has a single split, the validation split is carved from it reprodu
 
 from __future__ import annotations
 
+import glob
 import itertools
+import json
 import logging
 import os
-import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from simmim.data.decoding import IMAGE_EXTENSIONS, decode_image
+from simmim.data.streams import DatasetShards, FolderShards, StreamSource, data_files
 from simmim.data.synthetic import SYNTHETIC_CLASSES, pixel_grid, render_synthetic_image
 
 logger = logging.getLogger("simmim.data")
@@ -30,7 +31,7 @@ Sample = tuple[Image.Image | None, int, str]
 # names a requested split may be found under, in order of preference
 _SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "val", "valid", "test")}
 _IMAGE_COLUMNS = ("image", "img")
-_LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
+_LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target", "cls")  # cls: webdataset's `.cls`
 _SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
 _HF_DATA_SUFFIXES = (".parquet", ".arrow", ".csv", ".json", ".jsonl", ".py", ".tar", ".zip")
 
@@ -259,6 +260,12 @@ class _HuggingFaceColumns:
             raise ValueError(f"no image column found among {list(features)}; pass image_column=")
         self.label = _find_column(features, label_column, _LABEL_COLUMNS, datasets.ClassLabel)
         label_feature = features[self.label] if self.label is not None else None
+        # webdataset's `{key}.json` becomes a struct column "json": its label field is the label
+        self.label_key: str | None = None
+        if self.label is None and label_column is None and isinstance(features.get("json"), dict):
+            self.label_key = next((n for n in _LABEL_COLUMNS if n in features["json"]), None)
+            if self.label_key is not None:
+                self.label, label_feature = "json", features["json"][self.label_key]
         self.class_names = label_feature.names if isinstance(label_feature, datasets.ClassLabel) else None
         self.label_index: dict[str, int] | None = None  # string labels -> class index
         if label_feature is not None and not isinstance(label_feature, datasets.ClassLabel):
@@ -276,13 +283,16 @@ class _HuggingFaceColumns:
         if self.label is None:
             return -1
         value = example[self.label]
+        if self.label_key is not None:
+            value = value[self.label_key]
         return self.label_index[value] if self.label_index is not None else int(value)
 
     def prepare(self, dataset: Any) -> Any:
         """Keep the two columns and leave images encoded, so that a broken one is skipped, not raised."""
         import datasets
 
-        keep = [c for c in (self.image, self.label) if c is not None]
+        # and webdataset's example key, which names the example in warnings
+        keep = [c for c in (self.image, self.label, "__key__") if c is not None and c in dataset.features]
         dataset = dataset.select_columns(keep)
         if isinstance(dataset.features[self.image], datasets.Image):
             dataset = dataset.cast_column(self.image, datasets.Image(decode=False))
@@ -334,119 +344,104 @@ class HuggingFaceSource(_HuggingFaceImages):
         )
 
 
-def _stable_fraction(example_image: Any, seed: int) -> float:
-    """A uniform number in [0, 1) fixed by the image's content (or path) and the seed."""
-    data = example_image
-    if isinstance(data, dict):
-        data = data.get("bytes") or data.get("path") or b""
-    if isinstance(data, str):
-        data = data.encode()
-    crc = zlib.crc32(data, seed & 0xFFFFFFFF)
-    # crc32 is not well mixed in its high bits for similar inputs: scramble it (a 32-bit Murmur3 finaliser)
-    crc ^= crc >> 16
-    crc = (crc * 0x85EBCA6B) & 0xFFFFFFFF
-    crc ^= crc >> 13
-    crc = (crc * 0xC2B2AE35) & 0xFFFFFFFF
-    crc ^= crc >> 16
-    return crc / 2**32
-
-
-class StreamingHuggingFaceSource(_HuggingFaceImages):
-    """A `datasets.IterableDataset` for data too large to index, read with `stream()`.
-
-    A carved validation split is chosen by hashing each image's bytes, so it holds about (not exactly)
-    `val_fraction` of the stream, is the same whatever the sharding, and keeps duplicates on one side.
-    """
-
-    is_streaming = True
-
-    def __init__(
-        self,
-        dataset: Any,
-        columns: _HuggingFaceColumns,
-        name: str,
-        split: str,
-        carve: str | None,
-        val_fraction: float,
-        seed: int,
-    ) -> None:
-        if columns.label_index is not None:
-            raise ValueError(
-                f"string label column {columns.label!r} needs a ClassLabel feature when streaming"
-            )
-        super().__init__(dataset, columns, name, split)
-        self.carve = carve
-        self.val_fraction = val_fraction
-        self.seed = seed
-
-    def __len__(self) -> int:
-        raise TypeError("a streaming source has no length")
-
-    def load(self, index: int, decode_size: int | None = None) -> Sample:
-        raise TypeError("a streaming source cannot be indexed; iterate it with stream()")
-
-    def __iter__(self) -> Iterator[Sample]:
-        return self.stream()
-
-    def _examples(self, dataset: Any, num_node_shards: int) -> Iterator[dict]:
-        """This DataLoader worker's examples of `dataset`."""
-        worker = torch.utils.data.get_worker_info()
-        if worker is None or num_node_shards >= worker.num_workers:
-            # inside a worker, datasets hands each worker its own shards
-            yield from dataset
-            return
-        # fewer shards than workers would leave workers idle: every worker reads the (cheap, undecoded)
-        # stream and keeps every num_workers-th example
-        examples = (
-            {key: values[i] for key, values in batch.items()}
-            for batch in dataset.iter(batch_size=256)
-            for i in range(len(next(iter(batch.values()))))
+def _stream_source(
+    dataset: Any,
+    columns: _HuggingFaceColumns,
+    name: str,
+    split: str,
+    carve: str | None,
+    val_fraction: float,
+    seed: int,
+    class_names: list[str] | None = None,
+) -> StreamSource:
+    """A streaming `datasets.IterableDataset` as a `StreamSource`, its validation part carved by a hash of
+    each image (about, not exactly, `val_fraction` of it) when it has no validation split."""
+    if columns.label_index is not None:
+        raise ValueError(
+            f"string label column {columns.label!r} needs a ClassLabel feature when streaming (the classes "
+            "cannot be listed without reading the whole stream)"
         )
-        yield from itertools.islice(examples, worker.id, None, worker.num_workers)
+    files = data_files(dataset)
+    index = _shard_index(os.path.dirname(files[0])) if files else {}
+    counts = {
+        shard["name"]: shard["count"]
+        for entry in index.get("splits", {}).values()
+        for shard in entry.get("shards", [])
+    }
+    shards = DatasetShards(columns.prepare(dataset), columns, name, files, counts)
+    if class_names is None and isinstance(index.get("classes"), list):
+        class_names = [str(c) for c in index["classes"]]
+    return StreamSource(
+        shards,
+        name=name,
+        split=split,
+        class_names=columns.class_names or class_names,
+        has_labels=columns.label is not None,
+        carve=carve if val_fraction > 0 else None,
+        val_fraction=val_fraction,
+        seed=seed,
+    )
 
-    def stream(
-        self,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle: bool = False,
-        seed: int = 0,
-        epoch: int = 0,
-        skip: int = 0,
-        decode_size: int | None = None,
-        shuffle_buffer: int = 1000,
-    ) -> Iterator[Sample]:
-        """Iterate this process's (and DataLoader worker's) share of the split.
 
-        Args:
-            rank, world_size: the node split (`datasets.distributed.split_dataset_by_node`).
-            shuffle, seed, epoch: buffer shuffling of shards and examples, reseeded every epoch.
-            skip: examples of this worker's share to pass over without decoding (to resume).
-            decode_size: see `decode_image`.
-        """
-        from datasets.distributed import split_dataset_by_node
+def _shard_index(directory: str) -> dict[str, Any]:
+    """The `index.json` that `scripts/make_shards.py` writes beside its shards (class names, examples per
+    shard), or {} when there is none or it cannot be read."""
+    index = os.path.join(directory, "index.json")
+    try:
+        content = json.loads(Path(index).read_text()) if os.path.isfile(index) else {}
+    except (OSError, ValueError):
+        logger.warning("%s cannot be read as JSON: its class names and shard sizes are not used", index)
+        return {}
+    return content if isinstance(content, dict) else {}
 
-        dataset = self.dataset
-        if shuffle:
-            dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
-            dataset.set_epoch(epoch)
-        num_shards = dataset.num_shards
-        if world_size > 1:
-            dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-            # datasets splits shards when they divide evenly, and examples otherwise
-            num_shards = num_shards // world_size if num_shards % world_size == 0 else num_shards
-        examples = self._examples(dataset, num_shards)
-        if self.carve is not None:
-            examples = (
-                e
-                for e in examples
-                if (_stable_fraction(e[self.columns.image], self.seed) < self.val_fraction)
-                == (self.carve == "validation")
-            )
-        for position, example in enumerate(itertools.islice(examples, skip, None), start=skip):
-            name = _image_name(f"{self.name}[stream {rank}:{position}]", example[self.columns.image])
-            image = decode_image(example[self.columns.image], name, decode_size)
-            yield image, self.columns.label_of(example), name
+
+def _index_classes(directory: str) -> list[str] | None:
+    classes = _shard_index(directory).get("classes")
+    return [str(c) for c in classes] if isinstance(classes, list) else None
+
+
+# The formats a folder or glob of shards may hold, by file suffix, and the datasets builder that reads each.
+SHARD_FORMATS = {".tar": "webdataset", ".parquet": "parquet"}
+
+
+def _is_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def shard_files(pattern: str) -> list[str]:
+    """The files a glob of shards matches, sorted; a clear error when none, or not one known format."""
+    files = sorted(f for f in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(f))
+    if not files:
+        raise ValueError(f"data.path={pattern!r} matches no files")
+    suffixes = sorted({Path(f).suffix.lower() for f in files})
+    if len(suffixes) > 1 or suffixes[0] not in SHARD_FORMATS:
+        raise ValueError(
+            f"data.path={pattern!r} matches files of {suffixes}; shards must all be one of "
+            f"{sorted(SHARD_FORMATS)} (webdataset tar or parquet)"
+        )
+    return files
+
+
+def _open_shard_glob(
+    pattern: str, split: str, *, image_column, label_column, streaming, val_fraction, seed
+) -> ImageSource:
+    """A glob of tar or parquet shards: all of them are the training split, and the validation split is
+    carved from it (a separate glob is a separate data.path)."""
+    import datasets
+
+    files = shard_files(pattern)
+    builder = SHARD_FORMATS[Path(files[0]).suffix.lower()]
+    dataset = datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=streaming)
+    read, carve = _resolve_split(split, ["train"])
+    columns = _HuggingFaceColumns(dataset.features, image_column, label_column)
+    name = pattern
+    if streaming:
+        classes = _index_classes(os.path.dirname(files[0]))
+        return _stream_source(dataset, columns, name, split, carve, val_fraction, seed, classes)
+    if columns.class_names is None and columns.label is not None and columns.label_index is None:
+        columns.class_names = _index_classes(os.path.dirname(files[0]))
+    rows = carve_split(len(dataset), carve, val_fraction, seed) if carve and val_fraction > 0 else None
+    return HuggingFaceSource(dataset, columns, name, split, rows)
 
 
 def _open_huggingface(
@@ -474,7 +469,9 @@ def _open_huggingface(
     columns = _HuggingFaceColumns(dataset.features, image_column, label_column)
     name = f"{Path(path).name or path}:{read}"
     if streaming:
-        return StreamingHuggingFaceSource(dataset, columns, name, split, carve, val_fraction, seed)
+        return _stream_source(dataset, columns, name, split, carve, val_fraction, seed)
+    if columns.class_names is None and columns.label is not None and columns.label_index is None:
+        columns.class_names = _index_classes(path) if saved or os.path.isdir(path) else None
     if columns.label_index is not None:
         # class indices from all splits together, so that a split missing a class cannot shift the others
         columns.set_string_classes([v for part in splits.values() for v in part.unique(columns.label)])
@@ -583,14 +580,16 @@ def open_source(
 
     Args:
         path: "synthetic"; a directory (ImageFolder, optionally with train/ and val/ split folders; a flat
-            folder of images; Hugging Face data files or a dataset script; a `save_to_disk` dataset); or a
-            Hugging Face Hub name.
+            folder of images; Hugging Face data files, e.g. `train-*.parquet` or webdataset `train-*.tar`
+            shards; a dataset script; a `save_to_disk` dataset); a glob of tar or parquet shards (the
+            training split; validation is carved from it); or a Hugging Face Hub name.
         split: "train" or "validation" ("val", "test" are looked for as validation); any other split name
             is read as is. Without a validation split, `val_fraction` of train is carved out with `seed`,
             and excluded from "train"; with `val_fraction=0` nothing is carved and "validation" reads all of
             the training data (what a reconstruction evaluation of a one-split source wants).
         image_column, label_column: Hugging Face columns; detected by name or feature type when None.
-        streaming: read a Hugging Face dataset as an `IterableDataset` (folders and synthetic are indexed).
+        streaming: read the data as a stream (`simmim.data.streams`): a dataset, shards or an image folder
+            (synthetic data is always indexed).
         synthetic_size, synthetic_image_size: the synthetic train split's size and image side; its
             validation split has max(64, synthetic_size // 8) images.
     """
@@ -599,26 +598,46 @@ def open_source(
             raise ValueError(f"the synthetic dataset has splits 'train' and 'validation', not {split!r}")
         size = synthetic_size if split == "train" else max(64, synthetic_size // 8)
         return SyntheticSource(size, synthetic_image_size, seed, split)
+    columns = dict(image_column=image_column, label_column=label_column)
     root = os.path.expanduser(path)
+    if _is_glob(path):
+        return _open_shard_glob(
+            path, split, **columns, streaming=streaming, val_fraction=val_fraction, seed=seed
+        )
     if os.path.isdir(root):
         layout = _layout(root)
         if layout in ("split_imagefolder", "imagefolder", "flat"):
-            if streaming:
-                logger.info("%s is a folder and is read map-style; streaming only applies to datasets", root)
-            return _open_folder(root, layout, split, val_fraction, seed)
+            folder = _open_folder(root, layout, split, val_fraction, seed)
+            if not streaming:
+                return folder
+            return StreamSource(
+                FolderShards(folder),
+                name=root,
+                split=split,
+                class_names=folder.class_names,
+                has_labels=folder.has_labels,
+            )
         saved = layout == "saved"
+    elif os.path.exists(root):
+        raise ValueError(f"data.path={path!r} is a file; give a folder, a glob of shards or a dataset name")
+    elif _looks_local(path):
+        raise ValueError(f"data.path={path!r}: no such file or directory")
     else:
         saved = False  # a Hub name: datasets.load_dataset resolves it
     return _open_huggingface(
         root if os.path.isdir(root) else path,
         split,
         saved=saved,
-        image_column=image_column,
-        label_column=label_column,
+        **columns,
         streaming=streaming,
         val_fraction=val_fraction,
         seed=seed,
     )
+
+
+def _looks_local(path: str) -> bool:
+    """Whether a path that does not exist was meant as a local one rather than a Hub name ("org/name")."""
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
 
 
 def holdout_split(source: ImageSource, part: str, fraction: float, seed: int) -> ImageSource:
