@@ -207,7 +207,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check(self.min_lr <= self.base_lr, "min_lr", self.min_lr, f"be <= optim.base_lr={self.base_lr}")
         _check(self.warmup_epochs is None or self.warmup_steps is None, "warmup_steps", self.warmup_steps,
-               f"not be set with optim.warmup_epochs={self.warmup_epochs}: give one of the two")  # fmt: skip
+               f"not be set with optim.warmup_epochs={self.warmup_epochs}: give one of the two "
+               "(optim.warmup_epochs=null unsets a recipe's)")  # fmt: skip
 
 
 @dataclass(frozen=True, config=_STRICT_KEYS)
@@ -397,9 +398,11 @@ def _check_stream_durations(cfg: PretrainConfig | FinetuneConfig) -> None:
     _check(t.max_steps is not None, "train.max_steps", t.max_steps,
            "be set with data.streaming=true: a stream has no length, so the run's length is in steps")  # fmt: skip
     _check(o.warmup_epochs is None, "optim.warmup_epochs", o.warmup_epochs,
-           "be unset with data.streaming=true (a stream has no epochs): give optim.warmup_steps")  # fmt: skip
+           "be unset with data.streaming=true (a stream has no epochs): set optim.warmup_epochs=null and give "
+           "optim.warmup_steps")  # fmt: skip
     _check(t.eval_every_epochs is None, "train.eval_every_epochs", t.eval_every_epochs,
-           "be unset with data.streaming=true (a stream has no epochs): give train.eval_every_steps")  # fmt: skip
+           "be unset with data.streaming=true (a stream has no epochs): set train.eval_every_epochs=null and "
+           "give train.eval_every_steps")  # fmt: skip
     _check(not cfg.data.holdout_from_train, "data.holdout_from_train", True,
            "be false with data.streaming=true: the holdout carve needs a map-style source")  # fmt: skip
 
