@@ -12,6 +12,9 @@ jobs the threads stall (a median far above the minimum shows it): measure on an 
 
 2-core AMD EPYC (avx512_bf16), torch 2.14, Transformers 5.23, about 2 minutes idle: simmim bf16 ~2.3x
 Transformers fp32 and ~1.1-1.3x Transformers bf16; fp32 at parity (GEMMs and attention are the same kernels).
+2026-12-04, the same kind of CPU, Transformers 5.25, two runs of `--device cpu --threads 2 --steps 10`:
+simmim bf16 1.83x and 1.81x Transformers fp32 (target 2.5x: missed), 1.36x and 1.26x Transformers bf16
+(target 1.3x: met once); fp32 1.00x. `benchmarks/profile_step.py` shows where the bf16 step's time goes.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ VARIANTS = [
 # (label, numerator, denominator, target)
 RATIOS = [
     ("fp32: simmim / transformers", "simmim fp32", "transformers fp32", 1.0),
-    ("bf16: simmim / transformers", "simmim bf16", "transformers bf16", 1.0),
-    ("simmim bf16 / transformers fp32", "simmim bf16", "transformers fp32", 2.0),
+    ("bf16: simmim / transformers", "simmim bf16", "transformers bf16", 1.3),
+    ("simmim bf16 / transformers fp32", "simmim bf16", "transformers fp32", 2.5),
 ]
 
 

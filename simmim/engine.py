@@ -207,17 +207,8 @@ def micro_batches(
 
 def evaluation_loader(dataset, cfg: Any, acc: Accelerator, collate_fn: Callable):
     """This process's share of a held-out split, in order, every image once."""
-    return build_loader(
-        dataset,
-        batch_size=cfg.data.batch_size,
-        shuffle=False,
-        drop_last=False,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.seed,
-        rank=acc.process_index,
-        world_size=acc.num_processes,
-        collate_fn=collate_fn,
-    )
+    options = loader_options(cfg, acc, collate_fn)
+    return build_loader(dataset, **{**options, "shuffle": False, "drop_last": False, "pin_memory": False})
 
 
 class LossMeter:

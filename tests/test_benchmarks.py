@@ -44,3 +44,20 @@ def test_training_flops_of_deit_base_match_the_published_count():
     # the 1x1-conv decoder (0.7 GFLOP), 0.8% more.
     flops = train_flops_per_image(bench_config("base", tiny=False))
     assert abs(flops / 105.8e9 - 1) < 0.01
+
+
+def test_the_step_profile_runs_and_accounts_for_the_matmuls():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--image-size", "32", "--batch-size", "2",
+         "--depth", "1", "--steps", "1", "--dtype", "fp32", "--threads", "1"],
+        env=script_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1-block DeiT-Ti/16 32px, batch 2, fp32" in result.stdout
+    # One block at 32 px: 2 images of 6 tokens (4 patches, the class and distillation tokens). A token's
+    # linears (qkv 192x576, output 192x192, MLP 192x768 and 768x192) are 2 x 442,368 FLOP forward, and
+    # twice that backward; fp32 attention runs in the fused kernel, which the profiler does not count.
+    matmuls = next(line for line in result.stdout.splitlines() if line.startswith("matmuls:"))
+    gflop = float(matmuls.split()[1])
+    assert abs(gflop / (3 * 12 * 884_736 / 1e9) - 1) < 1e-3, matmuls
+    assert "if everything but the matmuls were free" in result.stdout
