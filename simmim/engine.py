@@ -150,6 +150,15 @@ def make_accelerator(precision: str = "launcher") -> Accelerator:
     `accelerate launch --multi_gpu --num_processes N` on a machine without CUDA would otherwise start N
     unrelated single-process runs: there, the processes join over gloo on CPU.
     """
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "false").lower() == "true":
+            # On CPU accelerate would silently fall back to replicated DDP; on GPU it would shard the model
+            # under a loop, EMA and checkpoints (accelerate's sharded save_state pickles its metadata) that
+            # assume a replicated one.
+            raise ValueError(
+                f"{variable}=true (accelerate launch with {name}): simmim does not shard models yet; launch "
+                "with --multi_gpu (DDP), and train.activation_checkpointing=true to save activation memory"
+            )
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
     mixed, _ = choose_precision(precision)
     return Accelerator(cpu=multi_process and not torch.cuda.is_available(), mixed_precision=mixed)

@@ -115,3 +115,18 @@ def test_a_run_logs_which_precision_ran_and_why(tmp_path):
     assert "autocast: bf16, as train.precision=bf16" in result.stdout
     # The masked L1 stays in float32 under bf16 autocast.
     assert all(isinstance(r["masked_l1"], float) for r in records if r["kind"] == "eval")
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharded_launches_are_refused_before_any_work(tmp_path, monkeypatch, variable):
+    """accelerate launch --use_fsdp / --use_deepspeed sets these: on CPU accelerate would fall back to
+    replicated DDP without a word, and on GPU shard a model the loop and checkpoints assume replicated."""
+    from helpers import TINY_MODEL, tiny_data
+    from helpers import run_script as run
+
+    monkeypatch.setenv(variable, "true")
+    out = tmp_path / "run"
+    result = run("pretrain.py", [f"output_dir={out}", *tiny_data(), *TINY_MODEL, "mask.patch_size=16"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {variable}=true")
+    assert "launch with --multi_gpu (DDP)" in result.stderr and not out.exists()
