@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +76,11 @@ class CheckpointManager:
         trainer_state: dict[str, Any],
         tensors: dict[str, dict[str, torch.Tensor]] | None = None,
         own: dict[str, Any] | None = None,
+        write_shards: Callable[[Path], None] | None = None,
     ) -> Path:
         """Save the full training state at `step` (every process must call this). `own`: this process's
-        JSON files, by name (saved as `own_file_name(name, process_index)`)."""
+        JSON files, by name (saved as `own_file_name(name, process_index)`); `write_shards(directory)`
+        writes this process's shards of a sharded model and optimizer (`simmim.sharding.save`)."""
         acc = self.accelerator
         name = f"step_{step:08d}"
         final, tmp = self.dir / name, self.dir / f".tmp-{name}"
@@ -88,6 +91,8 @@ class CheckpointManager:
         acc.save_state(str(tmp))
         for file, content in (own or {}).items():
             _write_json_atomic(tmp / own_file_name(file, acc.process_index), content)
+        if write_shards is not None:
+            write_shards(tmp)
         acc.wait_for_everyone()  # every process's RNG and own files are in tmp before it is renamed
         if acc.is_main_process:
             for file, tensor_dict in (tensors or {}).items():

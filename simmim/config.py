@@ -235,6 +235,11 @@ class TrainConfig:
         None, gt=0, description="fine-tuning without train.eval_every_steps: None = every epoch"
     )
     compile: Bool = False
+    fsdp: Bool = Field(
+        False,
+        description="shard parameters, gradients and AdamW state across processes (FSDP2, one unit per "
+        "encoder block); launch with accelerate launch --multi_gpu; a resume needs the same processes",
+    )
     activation_checkpointing: Bool = Field(
         False,
         description="recompute each transformer block in the backward pass: less activation memory for "
@@ -265,6 +270,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(all(e <= self.epochs for e in self.snapshot_epochs), "snapshot_epochs", self.snapshot_epochs,
                f"be epochs of the run (<= train.epochs={self.epochs})")  # fmt: skip
+        _check(not (self.fsdp and self.ema is not None), "ema", self.ema,
+               "be unset with train.fsdp=true: the EMA of sharded weights is not supported yet")  # fmt: skip
 
 
 @dataclass(frozen=True, config=_STRICT_KEYS)

@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
+from simmim import sharding
 from simmim.checkpoints import CheckpointManager, own_file_name
 from simmim.config import DataConfig, OptimConfig, TrainConfig
 from simmim.data import BadImageError, build_loader, check_bad_fraction
@@ -144,8 +145,9 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def make_accelerator(precision: str = "launcher") -> Accelerator:
-    """The run's Accelerator, with autocast as `train.precision` asks (see `simmim.precision`).
+def make_accelerator(precision: str = "launcher", fsdp: bool = False) -> Accelerator:
+    """The run's Accelerator, with autocast as `train.precision` asks (see `simmim.precision`); `fsdp`
+    (train.fsdp) needs several processes to shard over.
 
     `accelerate launch --multi_gpu --num_processes N` on a machine without CUDA would otherwise start N
     unrelated single-process runs: there, the processes join over gloo on CPU.
@@ -153,13 +155,17 @@ def make_accelerator(precision: str = "launcher") -> Accelerator:
     for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
         if os.environ.get(variable, "false").lower() == "true":
             # On CPU accelerate would silently fall back to replicated DDP; on GPU it would shard the model
-            # under a loop, EMA and checkpoints (accelerate's sharded save_state pickles its metadata) that
-            # assume a replicated one.
+            # its own way, whose sharded save_state pickles its metadata (simmim.sharding says more).
             raise ValueError(
-                f"{variable}=true (accelerate launch with {name}): simmim does not shard models yet; launch "
-                "with --multi_gpu (DDP), and train.activation_checkpointing=true to save activation memory"
+                f"{variable}=true (accelerate launch with {name}): simmim shards with its own FSDP2; launch "
+                "with --multi_gpu and set train.fsdp=true"
             )
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if fsdp and not multi_process:
+        raise ValueError(
+            "train.fsdp=true shards the model across processes, and this is one: launch with accelerate "
+            "launch --multi_gpu --num_processes N"
+        )
     mixed, _ = choose_precision(precision)
     return Accelerator(cpu=multi_process and not torch.cuda.is_available(), mixed_precision=mixed)
 
@@ -277,12 +283,20 @@ class TrainState:
     step: int = 0
     counters: Counters = field(default_factory=Counters)
     stream_position: dict[str, Any] | None = None  # a stream: this process's loader state at `step`
+    unsharded: sharding.Unsharded | None = None  # train.fsdp: the model is sharded, and this gathers it
 
     @classmethod
     def start(cls, cfg: Any, model: nn.Module, acc: Accelerator, num_samples: int | None) -> TrainState:
         """AdamW over the model's parameter groups, the EMA, and the newest checkpoint's state if any
         (`num_samples`: the training split's size, None for a stream)."""
         schedule = Schedule.build(num_samples, cfg.data, cfg.optim, cfg.train, acc.num_processes)
+        if cfg.train.activation_checkpointing:
+            model.gradient_checkpointing_enable()
+        unsharded = None
+        if cfg.train.fsdp:
+            # The optimizer is built over the sharded parameters; accelerate wraps neither (simmim.sharding).
+            unsharded = sharding.Unsharded(model)
+            model = sharding.shard(model.to(acc.device), acc.device, acc.num_processes)
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
         # Fused on CUDA: one kernel for the whole update instead of a few per tensor group.
         optimizer = torch.optim.AdamW(
@@ -292,19 +306,19 @@ class TrainState:
             eps=cfg.optim.eps,
             fused=True if acc.device.type == "cuda" else None,
         )
-        if cfg.train.activation_checkpointing:
-            model.gradient_checkpointing_enable()
         if cfg.train.compile:
             model.compile()  # in place: parameter names (and so checkpoints) stay unchanged
-        model, optimizer = acc.prepare(model, optimizer)
+        if unsharded is None:
+            model, optimizer = acc.prepare(model, optimizer)
         ema = ModelEma(cfg.train.ema, acc.unwrap_model(model)) if cfg.train.ema else None
-        state = cls(
-            schedule, model, optimizer, ema, CheckpointManager(cfg.output_dir, acc, cfg.train.keep_last)
-        )
+        checkpoints = CheckpointManager(cfg.output_dir, acc, cfg.train.keep_last)
+        state = cls(schedule, model, optimizer, ema, checkpoints, unsharded=unsharded)
         latest = state.checkpoints.latest()
         if latest is not None:
             saved, path = state.checkpoints.load(latest)
             state.step, state.counters = saved["step"], Counters(**saved["counters"])
+            if unsharded is not None:
+                sharding.load(model, optimizer, path, acc.process_index)
             if schedule.is_stream:
                 state.stream_position = read_stream_position(path, cfg.data.num_workers, acc)
             if ema is not None:
@@ -325,7 +339,18 @@ class TrainState:
         """A checkpoint at `self.step`; `stream_position`: this process's loader state, for a stream."""
         tensors = {"ema.safetensors": self.ema.state_dict()} if self.ema is not None else None
         own = {STREAM_POSITION: stream_position} if stream_position is not None else None
-        self.checkpoints.save(self.step, {"counters": self.counters.__dict__}, tensors, own)
+        shards = None
+        if self.unsharded is not None:
+            rank = self.checkpoints.accelerator.process_index
+            shards = lambda directory: sharding.save(self.model, self.optimizer, directory, rank)  # noqa: E731
+        self.checkpoints.save(self.step, {"counters": self.counters.__dict__}, tensors, own, shards)
+
+    def full_model(self, acc: Accelerator) -> nn.Module:
+        """The model as one module, for evaluation, probes and exports: the unwrapped model, or under
+        train.fsdp an unsharded copy gathered from the shards (every process must call this then)."""
+        if self.unsharded is None:
+            return acc.unwrap_model(self.model)
+        return self.unsharded(self.model, acc.device)
 
     def count(self, images: int, skipped: int, max_bad_fraction: float) -> None:
         """Add a flushed window's images; stop when too many could not be decoded."""
@@ -442,7 +467,7 @@ def train_step(
         if weight > 0:
             meter.add(loss.detach(), batch["pixel_values"].shape[0], state.step)
     # With no clipping, an infinite threshold still returns the norm for the log.
-    grad_norm = acc.clip_grad_norm_(model.parameters(), optim.clip_grad or math.inf)
+    grad_norm = sharding.full(acc.clip_grad_norm_(model.parameters(), optim.clip_grad or math.inf))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if state.ema is not None:
@@ -460,9 +485,10 @@ def evaluate_and_keep_best(
     out: Path,
 ) -> None:
     """Evaluate the model (and its EMA); with `select_metric`, export whichever is the best so far."""
-    model, step, counters, ema = state.model, state.step, state.counters, state.ema
-    # The unwrapped model: DDP's forward can sync buffers, and ranks may hold unequal shares of the split.
-    unwrapped = acc.unwrap_model(model)
+    step, counters, ema = state.step, state.counters, state.ema
+    # The unwrapped model (DDP's forward can sync buffers, and ranks may hold unequal shares of the split),
+    # or under train.fsdp the gathered copy (a sharded forward would wait on every process).
+    unwrapped = state.full_model(acc)
     broadcast_buffers(unwrapped, acc)
     metrics = evaluate(unwrapped, step, log)
     if ema is not None:
@@ -564,11 +590,13 @@ def train(
                     evaluate_and_keep_best(state, evaluate, log, acc, select_metric, export, out)
             if probe is not None and t.probe_every_steps and (step % t.probe_every_steps == 0 or last):
                 with evaluation_mode(model):
-                    run_probe(probe, acc.unwrap_model(model), step, log, acc)
+                    run_probe(probe, state.full_model(acc), step, log, acc)
             epoch_done, in_epoch = divmod(step, schedule.steps_per_epoch or step + 1)  # a stream: no epoch
-            if in_epoch == 0 and epoch_done in t.snapshot_epochs and acc.is_main_process:
+            if in_epoch == 0 and epoch_done in t.snapshot_epochs:
                 # Before the save of this step: a run killed in between redoes the step and the snapshot.
-                export_snapshot(export, acc.unwrap_model(model), out / SNAPSHOTS_DIR / f"epoch_{epoch_done}")
+                full = state.full_model(acc)
+                if acc.is_main_process:
+                    export_snapshot(export, full, out / SNAPSHOTS_DIR / f"epoch_{epoch_done}")
             stopping = _stop_requested(stop, acc)
             if step % t.save_every_steps == 0 or last or stopping:
                 meter.check_finite(acc, state.checkpoints)
@@ -581,8 +609,10 @@ def train(
     if stopping:  # after the progress bar has closed, so that this is the last line printed
         acc.print(f"signal {stopping}: saved step {state.step}; run the same command again to resume")
         raise SystemExit(128 + stopping)
-    if (not select_metric or not state.counters.best) and acc.is_main_process:
-        export(acc.unwrap_model(model), out / EXPORT_DIR)
+    if not select_metric or not state.counters.best:
+        full = state.full_model(acc)
+        if acc.is_main_process:
+            export(full, out / EXPORT_DIR)
     acc.wait_for_everyone()
     return {"step": state.step, **state.counters.__dict__}
 

@@ -223,7 +223,7 @@ def evaluate_classifier(model: nn.Module, loader, accelerator, num_classes: int)
 
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune; writes checkpoints, logs, `metrics.json` and the best model to `output_dir/export`."""
-    accelerator = make_accelerator(cfg.train.precision)
+    accelerator = make_accelerator(cfg.train.precision, fsdp=cfg.train.fsdp)
     set_seed(cfg.seed)
     d, head = cfg.data, cfg.model.head
     train_source, val_source = open_split(cfg, d.train_split), open_split(cfg, d.val_split)

@@ -45,7 +45,7 @@ def mask_generator(cfg: PretrainConfig, mask_ratio: float | None = None) -> Mask
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain; writes checkpoints, logs and `output_dir/export`. Returns the engine's summary."""
-    accelerator = make_accelerator(cfg.train.precision)
+    accelerator = make_accelerator(cfg.train.precision, fsdp=cfg.train.fsdp)
     set_seed(cfg.seed)
     model = build_model(cfg)
     prepare_output_dir(cfg, accelerator, model)

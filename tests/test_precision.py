@@ -129,4 +129,4 @@ def test_sharded_launches_are_refused_before_any_work(tmp_path, monkeypatch, var
     result = run("pretrain.py", [f"output_dir={out}", *tiny_data(), *TINY_MODEL, "mask.patch_size=16"])
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {variable}=true")
-    assert "launch with --multi_gpu (DDP)" in result.stderr and not out.exists()
+    assert "launch with --multi_gpu and set train.fsdp=true" in result.stderr and not out.exists()

@@ -1,0 +1,180 @@
+"""FSDP2 (`train.fsdp=true`) over two CPU processes (gloo): the same weights as DDP, the model and optimizer
+sharded in the checkpoints, an exact resume after SIGKILL, and an export Transformers loads whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import ROOT, TINY_MODEL, script_env, tiny_data
+from safetensors.torch import load_file
+
+PRETRAIN = [
+    *tiny_data(batch_size=8),
+    *TINY_MODEL,
+    "mask.patch_size=16",
+    "model.drop_path_rate=0.1",  # the same draws under both: each process seeds its own, as under DDP
+    "optim.layer_decay=0.75",  # parameter groups with their own learning rates
+    "optim.base_lr=1e-2",
+    "optim.warmup_epochs=null",
+    "optim.warmup_steps=2",
+    "optim.grad_accum_steps=2",
+    "train.precision=fp32",
+    "train.log_every_steps=2",
+    "train.save_every_steps=2",
+    "train.eval_every_steps=6",
+    "train.max_steps=12",
+]
+
+
+def launch(script: str, args: list[str], port: int, **popen) -> list[str]:
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(port), str(ROOT / "scripts" / script), *args,
+    ]  # fmt: skip
+
+
+def run(script: str, args: list[str], port: int) -> subprocess.CompletedProcess:
+    command = launch(script, args, port)
+    return subprocess.run(command, env=script_env(), capture_output=True, text=True, timeout=300)
+
+
+def latest_step(run_dir: Path) -> int:
+    try:
+        index = json.loads((run_dir / "checkpoints" / "index.json").read_text())
+        return int(index["latest"].removeprefix("step_"))
+    except (FileNotFoundError, json.JSONDecodeError, TypeError, AttributeError):
+        return -1
+
+
+def processes_with(argument: str) -> list[int]:
+    """The processes whose command line holds `argument`."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if argument.encode() in cmdline.read_bytes().split(b"\0"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # gone in between
+            continue
+    return pids
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "export" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same 12 steps under DDP and under FSDP."""
+    root = tmp_path_factory.mktemp("fsdp")
+    for name, extra, port in (("ddp", [], 29561), ("fsdp", ["train.fsdp=true"], 29562)):
+        result = run("pretrain.py", [f"output_dir={root / name}", *PRETRAIN, *extra], port)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def test_fsdp_trains_as_ddp_does(runs):
+    ddp, fsdp = weights(runs / "ddp"), weights(runs / "fsdp")
+    assert ddp.keys() == fsdp.keys()
+    for key in ddp:
+        torch.testing.assert_close(fsdp[key], ddp[key], rtol=0, atol=1e-4, msg=key)
+    losses = {
+        name: [json.loads(line) for line in (runs / name / "log.jsonl").read_text().splitlines()]
+        for name in ("ddp", "fsdp")
+    }
+    for kind in ("train", "eval"):
+        a = [r.get("loss", r.get("masked_l1")) for r in losses["ddp"] if r["kind"] == kind]
+        b = [r.get("loss", r.get("masked_l1")) for r in losses["fsdp"] if r["kind"] == kind]
+        assert len(a) == len(b) > 0 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, kind
+
+
+def test_fsdp_checkpoints_hold_each_process_shard(runs):
+    step = runs / "fsdp" / "checkpoints" / "step_00000012"
+    shards = [load_file(str(step / f"model_shard_{rank}.safetensors")) for rank in (0, 1)]
+    # DDP's checkpoint holds the whole model under the same (simmim's own) names
+    whole = load_file(str(runs / "ddp" / "checkpoints" / "step_00000012" / "model.safetensors"))
+    assert set(shards[0]) == set(shards[1]) == set(whole)
+    for key in whole:  # each process holds its rows (dim 0) of every parameter
+        assert shards[0][key].shape[0] + shards[1][key].shape[0] == whole[key].shape[0], key
+        joined = torch.cat([shards[0][key], shards[1][key]])
+        torch.testing.assert_close(joined, whole[key], rtol=0, atol=1e-4, msg=key)
+    optimizer = load_file(str(step / "optimizer_shard_0.safetensors"))
+    assert any(k.endswith("/exp_avg_sq") for k in optimizer)
+    groups = json.loads((step / "optimizer_groups_0.json").read_text())
+    assert len({g["lr"] for g in groups}) > 1  # the layer-decay groups survive the sharding
+    assert not (runs / "ddp" / "checkpoints" / "step_00000012" / "model_shard_0.safetensors").exists()
+
+
+def test_the_fsdp_export_loads_whole_in_transformers(runs):
+    transformers = pytest.importorskip("transformers")
+    model, info = transformers.DeiTForMaskedImageModeling.from_pretrained(
+        runs / "fsdp" / "export", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ours = weights(runs / "fsdp")
+    theirs = model.state_dict()
+    assert sum(v.numel() for v in ours.values()) == sum(v.numel() for v in theirs.values())
+    common = ours.keys() & theirs.keys()  # the export's names, where Transformers' version shares them
+    assert common and all(torch.equal(ours[k], theirs[k]) for k in common)
+
+
+def test_fsdp_resumes_exactly_after_sigkill(tmp_path, runs):
+    out = tmp_path / "killed"
+    args = [f"output_dir={out}", *PRETRAIN, "train.fsdp=true"]
+    proc = subprocess.Popen(
+        launch("pretrain.py", args, 29563), env=script_env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while latest_step(out) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    # The launcher and both processes at once (torchrun starts its workers in sessions of their own).
+    for pid in processes_with(f"output_dir={out}"):
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = latest_step(out)
+    assert 2 <= killed_at < 12, f"the run was not killed mid-run (latest checkpoint {killed_at})"
+    result = run("pretrain.py", args, 29564)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {out}/checkpoints/step_{killed_at:08d}" in result.stdout
+    mine, reference = weights(out), weights(runs / "fsdp")
+    for key in reference:
+        assert torch.equal(mine[key], reference[key]), key
+
+
+def test_fsdp_fine_tuning_trains_as_ddp_does(tmp_path):
+    common = [
+        *tiny_data(batch_size=8), *TINY_MODEL, "model.head=cls", "train.precision=fp32", "train.max_steps=4",
+        "train.eval_every_steps=2", "optim.warmup_epochs=null", "optim.warmup_steps=1", "optim.layer_decay=0.75",
+        "aug.rand_augment=false",
+    ]  # fmt: skip
+    outputs = {}
+    for name, extra, port in (("ddp", [], 29565), ("fsdp", ["train.fsdp=true"], 29566)):
+        outputs[name] = tmp_path / name
+        result = run("finetune.py", [f"output_dir={outputs[name]}", *common, *extra], port)
+        assert result.returncode == 0, result.stderr[-3000:]
+    ddp, fsdp = weights(outputs["ddp"]), weights(outputs["fsdp"])
+    for key in ddp:
+        torch.testing.assert_close(fsdp[key], ddp[key], rtol=0, atol=1e-4, msg=key)
+    metrics = [json.loads((outputs[n] / "metrics.json").read_text())["best"] for n in ("ddp", "fsdp")]
+    assert abs(metrics[0]["top1"] - metrics[1]["top1"]) < 1e-6
+
+
+def test_fsdp_needs_several_processes_and_no_ema(tmp_path):
+    from helpers import run_script
+
+    one = run_script("pretrain.py", [f"output_dir={tmp_path / 'one'}", *PRETRAIN, "train.fsdp=true"])
+    assert one.returncode == 2 and "error: train.fsdp=true shards the model across processes" in one.stderr
+    ema = run_script(
+        "pretrain.py", [f"output_dir={tmp_path / 'ema'}", *PRETRAIN, "train.fsdp=true", "train.ema=0.99"]
+    )
+    assert ema.returncode == 2 and "train.ema=0.99: must be unset with train.fsdp=true" in ema.stderr
+    assert not (tmp_path / "one").exists() and not (tmp_path / "ema").exists()
