@@ -384,6 +384,11 @@ def read_stream_position(path: Path, num_workers: int, acc: Accelerator) -> dict
             "fewer processes; resume it as it was run"
         )
     position = json.loads(file.read_text())
+    if position.get("num_processes") != acc.num_processes:
+        raise ValueError(
+            f"{path} was saved by a stream read by {position.get('num_processes')} processes, and this run has "
+            f"{acc.num_processes}: the shards are dealt to processes x workers, so resume with as many processes"
+        )
     if position["num_workers"] != num_workers:
         raise ValueError(
             f"data.num_workers={num_workers}, but {path} was saved by a stream read with "
@@ -406,9 +411,11 @@ class TrainBatches:
         device: torch.device,
         fallback: Callable[[], dict],
         stream_loader: Any = None,
+        num_processes: int = 1,
     ) -> None:
         self.batches, self.device, self.fallback = batches, device, fallback
         self.stream_loader = stream_loader  # a stream's StatefulDataLoader, whose state a checkpoint keeps
+        self.num_processes = num_processes
         self.last: dict[str, Any] | None = None
 
     @classmethod
@@ -426,13 +433,18 @@ class TrainBatches:
             stream_state=state.stream_position and state.stream_position["loader"],
             **loader_options(cfg, acc, collate_fn),
         )
-        return cls(iter(loader), acc.device, fallback, stream_loader=loader)
+        return cls(iter(loader), acc.device, fallback, stream_loader=loader, num_processes=acc.num_processes)
 
     def stream_position(self) -> dict[str, Any] | None:
         """The stream loader's state after the micro-batches taken so far (None for map-style data)."""
         if self.stream_loader is None:
             return None
-        return {"num_workers": self.stream_loader.num_workers, "loader": self.stream_loader.state_dict()}
+        loader = self.stream_loader
+        return {
+            "num_processes": self.num_processes,
+            "num_workers": loader.num_workers,
+            "loader": loader.state_dict(),
+        }
 
     def next(self) -> tuple[dict[str, Any], bool, int]:
         """(batch, whether it is this micro-batch's own, images skipped while reading it)."""
@@ -492,6 +504,7 @@ def evaluate_and_keep_best(
     broadcast_buffers(unwrapped, acc)
     metrics = evaluate(unwrapped, step, log)
     if ema is not None:
+        broadcast_buffers(ema.module, acc)  # each process averaged its own BatchNorm statistics
         metrics.update({f"ema_{k}": v for k, v in evaluate(ema.module, step, log).items()})
     log.write(step, metrics, kind="eval")
     counters.history.append({"step": step, "epoch": state.schedule.epoch(step), **metrics})

@@ -47,16 +47,15 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain; writes checkpoints, logs and `output_dir/export`. Returns the engine's summary."""
     accelerator = make_accelerator(cfg.train.precision, fsdp=cfg.train.fsdp)
     set_seed(cfg.seed)
+    d = cfg.data
+    # The data first: a wrong path is reported before the run directory is written.
+    train_source, val_source = open_split(cfg, d.train_split), open_split(cfg, d.val_split)
     model = build_model(cfg)
     prepare_output_dir(cfg, accelerator, model)
     masks = mask_generator(cfg)
-    d = cfg.data
     train_set = MaskedImageDataset(
-        open_split(cfg, d.train_split),
-        pretrain_transform(cfg.model.image_size, mean=d.mean, std=d.std),
-        masks,
+        train_source, pretrain_transform(cfg.model.image_size, mean=d.mean, std=d.std), masks
     )
-    val_source = open_split(cfg, d.val_split)
     if cfg.train.eval_batches is not None and not val_source.is_streaming:
         # The periodic evaluation reads train.eval_batches batches: a seeded sample in random order, so that
         # they (and the TensorBoard grid of the first batch) cover the split, not its first class folder.

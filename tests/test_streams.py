@@ -518,6 +518,10 @@ def test_two_process_streaming_pretraining(tmp_path, tar_dir):
     assert state["counters"]["images_seen"] == 12 * 16
     for rank in (0, 1):  # each process keeps its own stream position
         assert (out / "checkpoints" / index["latest"] / f"stream_position_{rank}.json").is_file()
+    # one process would deal the shards to other readers: its resume is refused
+    alone = run_script("pretrain.py", [*args, "train.max_steps=12"])
+    assert alone.returncode == 2, alone.stderr[-3000:]
+    assert "read by 2 processes, and this run has 1" in alone.stderr
 
 
 def _batchnorm_rank(rank: int, init_file: str, out: str) -> None:
@@ -550,3 +554,27 @@ def test_batchnorm_buffers_are_equal_across_ranks_before_evaluation(tmp_path):
     assert not torch.equal(*mean_before)  # each rank's own running mean after a step under DDP
     for a, b, rank0 in zip(*buffers["after"], buffers["before"][0]):
         assert torch.equal(a, b) and torch.equal(a, rank0)  # rank 0's, which is what the export holds
+
+
+def test_examples_without_a_label_are_skipped_by_fine_tuning_only(tmp_path, examples):
+    shards = tmp_path / "shards"
+    write_tar_shards(shards, examples[:40], 20)
+    with tarfile.open(shards / "train-00001.tar") as tar:  # the second shard loses its labels
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if not m.name.endswith(".cls")]
+    with tarfile.open(shards / "train-00001.tar", "w") as tar:
+        for name, data in members:
+            _member(tar, name, data)
+    common = [f"data.path={shards}", "data.num_workers=0", *STREAM_RUN, "train.max_steps=2"]
+    pretrained = run_script("pretrain.py", [f"output_dir={tmp_path / 'pt'}", *common, "mask.patch_size=16"])
+    assert pretrained.returncode == 0, pretrained.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "pt" / "log.jsonl").read_text().splitlines()]
+    assert [r for r in records if r["kind"] == "train"][-1]["images_skipped"] == 0
+    tuned = run_script(
+        "finetune.py",
+        [f"output_dir={tmp_path / 'ft'}", *common, "model.head=cls", "aug.rand_augment=false",
+         "data.max_bad_fraction=0.9"],
+    )  # fmt: skip
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    assert "has no label" in tuned.stderr
+    records = [json.loads(line) for line in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()]
+    assert [r for r in records if r["kind"] == "train"][-1]["images_skipped"] > 0

@@ -137,6 +137,9 @@ class LabeledImageDataset(_TransformedImages):
         super().__init__(source, transform)
 
     def make_item(self, image: Any, label: int, name: str, index: int, sample_seed: int) -> Item | None:
+        if label < 0:
+            logger.warning("skipping %s: it has no label", name)
+            return None
         pixel_values = self._transformed(image, name, sample_seed)
         if pixel_values is None:
             return None

@@ -283,8 +283,10 @@ class _HuggingFaceColumns:
         if self.label is None:
             return -1
         value = example[self.label]
-        if self.label_key is not None:
-            value = value[self.label_key]
+        if self.label_key is not None and value is not None:
+            value = value.get(self.label_key)
+        if value is None:
+            return -1  # an example without a label (a tar member missing): fine-tuning skips it
         return self.label_index[value] if self.label_index is not None else int(value)
 
     def prepare(self, dataset: Any) -> Any:

@@ -85,10 +85,21 @@ class DatasetShards:
     def read(self, i: int) -> Iterator[Raw]:
         shard = self.dataset.shard(num_shards=self.num_shards, index=i, contiguous=True)
         name = self.shard_name(i)
+        warned = False
         for row, batch in enumerate(shard.iter(batch_size=1)):
             example = {key: values[0] for key, values in batch.items()}
             key = example.get("__key__", row)
-            yield example[self.columns.image], self.columns.label_of(example), f"{name}:{key}"
+            image = example[self.columns.image]
+            if image is None and not warned:
+                # datasets' webdataset reader takes its columns from the first shard: a `.png` member in a
+                # shard of `.jpg` ones has no column, and reads as a missing image
+                logger.warning(
+                    "%s:%s has no %r member: every shard must hold its images in one format (the first "
+                    "shard's); scripts/make_shards.py writes them so",
+                    name, key, self.columns.image,
+                )  # fmt: skip
+                warned = True
+            yield image, self.columns.label_of(example), f"{name}:{key}"
 
 
 def data_files(dataset: Any) -> list[str]:
