@@ -560,7 +560,9 @@ def test_examples_without_a_label_are_skipped_by_fine_tuning_only(tmp_path, exam
     shards = tmp_path / "shards"
     write_tar_shards(shards, examples[:40], 20)
     with tarfile.open(shards / "train-00001.tar") as tar:  # the second shard loses its labels
-        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if not m.name.endswith(".cls")]
+        members = [
+            (m.name, tar.extractfile(m).read()) for m in tar.getmembers() if not m.name.endswith(".cls")
+        ]
     with tarfile.open(shards / "train-00001.tar", "w") as tar:
         for name, data in members:
             _member(tar, name, data)
