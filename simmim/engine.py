@@ -167,6 +167,9 @@ def make_accelerator(precision: str = "launcher", fsdp: bool = False) -> Acceler
             "launch --multi_gpu --num_processes N"
         )
     mixed, _ = choose_precision(precision)
+    if fsdp and mixed == "fp16":  # accelerate launch --mixed_precision fp16 with train.precision=launcher
+        raise ValueError("fp16 autocast with train.fsdp=true: its gradient scaler does not reach the sharded "
+                         "optimizer; launch with --mixed_precision bf16")  # fmt: skip
     return Accelerator(cpu=multi_process and not torch.cuda.is_available(), mixed_precision=mixed)
 
 

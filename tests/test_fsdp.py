@@ -157,7 +157,9 @@ def test_fsdp_fine_tuning_trains_as_ddp_does(tmp_path):
         "aug.rand_augment=false",
     ]  # fmt: skip
     outputs = {}
-    for name, extra, port in (("ddp", [], 29565), ("fsdp", ["train.fsdp=true"], 29566)):
+    # activation checkpointing recomputes each block, which FSDP gathers again for it: the same weights
+    sharded = ["train.fsdp=true", "train.activation_checkpointing=true"]
+    for name, extra, port in (("ddp", [], 29565), ("fsdp", sharded, 29566)):
         outputs[name] = tmp_path / name
         result = run("finetune.py", [f"output_dir={outputs[name]}", *common, *extra], port)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -168,7 +170,7 @@ def test_fsdp_fine_tuning_trains_as_ddp_does(tmp_path):
     assert abs(metrics[0]["top1"] - metrics[1]["top1"]) < 1e-6
 
 
-def test_fsdp_needs_several_processes_and_no_ema(tmp_path):
+def test_fsdp_needs_several_processes_no_ema_and_no_fp16(tmp_path):
     from helpers import run_script
 
     one = run_script("pretrain.py", [f"output_dir={tmp_path / 'one'}", *PRETRAIN, "train.fsdp=true"])
@@ -177,4 +179,11 @@ def test_fsdp_needs_several_processes_and_no_ema(tmp_path):
         "pretrain.py", [f"output_dir={tmp_path / 'ema'}", *PRETRAIN, "train.fsdp=true", "train.ema=0.99"]
     )
     assert ema.returncode == 2 and "train.ema=0.99: must be unset with train.fsdp=true" in ema.stderr
-    assert not (tmp_path / "one").exists() and not (tmp_path / "ema").exists()
+    fp16 = run_script(
+        "pretrain.py",
+        [f"output_dir={tmp_path / 'fp16'}", *PRETRAIN, "train.fsdp=true", "train.precision=fp16"],
+    )
+    assert (
+        fp16.returncode == 2 and "train.precision='fp16': must not be used with train.fsdp=true" in fp16.stderr
+    )
+    assert not any((tmp_path / name).exists() for name in ("one", "ema", "fp16"))
