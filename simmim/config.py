@@ -270,8 +270,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(all(e <= self.epochs for e in self.snapshot_epochs), "snapshot_epochs", self.snapshot_epochs,
                f"be epochs of the run (<= train.epochs={self.epochs})")  # fmt: skip
-        _check(not (self.fsdp and self.ema is not None), "ema", self.ema,
-               "be unset with train.fsdp=true: the EMA of sharded weights is not supported yet")  # fmt: skip
         _check(not (self.fsdp and self.precision == "fp16"), "precision", self.precision,
                "not be used with train.fsdp=true: fp16's gradient scaler does not reach the sharded "
                "optimizer; use bf16")  # fmt: skip

@@ -281,7 +281,7 @@ class TrainState:
     schedule: Schedule
     model: nn.Module  # prepared by accelerate
     optimizer: torch.optim.Optimizer
-    ema: ModelEma | None
+    ema: ModelEma | sharding.ShardedEma | None
     checkpoints: CheckpointManager
     step: int = 0
     counters: Counters = field(default_factory=Counters)
@@ -313,7 +313,11 @@ class TrainState:
             model.compile()  # in place: parameter names (and so checkpoints) stay unchanged
         if unsharded is None:
             model, optimizer = acc.prepare(model, optimizer)
-        ema = ModelEma(cfg.train.ema, acc.unwrap_model(model)) if cfg.train.ema else None
+        ema = None
+        if cfg.train.ema and unsharded is not None:
+            ema = sharding.ShardedEma(cfg.train.ema, model, unsharded)
+        elif cfg.train.ema:
+            ema = ModelEma(cfg.train.ema, acc.unwrap_model(model))
         checkpoints = CheckpointManager(cfg.output_dir, acc, cfg.train.keep_last)
         state = cls(schedule, model, optimizer, ema, checkpoints, unsharded=unsharded)
         latest = state.checkpoints.latest()
@@ -321,10 +325,10 @@ class TrainState:
             saved, path = state.checkpoints.load(latest)
             state.step, state.counters = saved["step"], Counters(**saved["counters"])
             if unsharded is not None:
-                sharding.load(model, optimizer, path, acc.process_index)
+                sharding.load(model, optimizer, path, acc.process_index, ema)
             if schedule.is_stream:
                 state.stream_position = read_stream_position(path, cfg.data.num_workers, acc)
-            if ema is not None:
+            if isinstance(ema, ModelEma):
                 ema.load_state_dict(state.checkpoints.load_tensors(path, "ema.safetensors"))
             acc.print(f"resuming from {path} at step {state.step}/{schedule.total_steps}")
         size = (
@@ -340,12 +344,12 @@ class TrainState:
 
     def save(self, stream_position: dict[str, Any] | None = None) -> None:
         """A checkpoint at `self.step`; `stream_position`: this process's loader state, for a stream."""
-        tensors = {"ema.safetensors": self.ema.state_dict()} if self.ema is not None else None
+        tensors = {"ema.safetensors": self.ema.state_dict()} if isinstance(self.ema, ModelEma) else None
         own = {STREAM_POSITION: stream_position} if stream_position is not None else None
         shards = None
         if self.unsharded is not None:
             rank = self.checkpoints.accelerator.process_index
-            shards = lambda directory: sharding.save(self.model, self.optimizer, directory, rank)  # noqa: E731
+            shards = lambda d: sharding.save(self.model, self.optimizer, d, rank, self.ema)  # noqa: E731
         self.checkpoints.save(self.step, {"counters": self.counters.__dict__}, tensors, own, shards)
 
     def full_model(self, acc: Accelerator) -> nn.Module:
@@ -354,6 +358,13 @@ class TrainState:
         if self.unsharded is None:
             return acc.unwrap_model(self.model)
         return self.unsharded(self.model, acc.device)
+
+    def ema_model(self, acc: Accelerator) -> nn.Module | None:
+        """The EMA weights as one module (gathered from the shards under train.fsdp: every process must
+        call this then), or None without an EMA."""
+        if isinstance(self.ema, sharding.ShardedEma):
+            return self.ema.gathered(acc.device)
+        return None if self.ema is None else self.ema.module
 
     def count(self, images: int, skipped: int, max_bad_fraction: float) -> None:
         """Add a flushed window's images; stop when too many could not be decoded."""
@@ -387,7 +398,7 @@ def read_stream_position(path: Path, num_workers: int, acc: Accelerator) -> dict
             "fewer processes; resume it as it was run"
         )
     position = json.loads(file.read_text())
-    if position.get("num_processes") != acc.num_processes:
+    if position.get("num_processes", acc.num_processes) != acc.num_processes:
         raise ValueError(
             f"{path} was saved by a stream read by {position.get('num_processes')} processes, and this run has "
             f"{acc.num_processes}: the shards are dealt to processes x workers, so resume with as many processes"
@@ -475,7 +486,8 @@ def train_step(
         batch, readable, skipped = batches.next()
         weight = 1.0 / accum if readable else 0.0
         meter.skipped += skipped
-        # Gradients are all-reduced only on the last micro-batch of the step.
+        # Under DDP gradients are all-reduced only on the last micro-batch of the step; under train.fsdp
+        # (no `no_sync`) each micro-batch's are reduce-scattered, so that they stay sharded.
         with nullcontext() if micro == accum - 1 else acc.no_sync(model), acc.autocast():
             loss = loss_fn(model, batch)
         acc.backward(loss * weight)
@@ -500,15 +512,15 @@ def evaluate_and_keep_best(
     out: Path,
 ) -> None:
     """Evaluate the model (and its EMA); with `select_metric`, export whichever is the best so far."""
-    step, counters, ema = state.step, state.counters, state.ema
+    step, counters, ema = state.step, state.counters, state.ema_model(acc)
     # The unwrapped model (DDP's forward can sync buffers, and ranks may hold unequal shares of the split),
     # or under train.fsdp the gathered copy (a sharded forward would wait on every process).
     unwrapped = state.full_model(acc)
     broadcast_buffers(unwrapped, acc)
     metrics = evaluate(unwrapped, step, log)
     if ema is not None:
-        broadcast_buffers(ema.module, acc)  # each process averaged its own BatchNorm statistics
-        metrics.update({f"ema_{k}": v for k, v in evaluate(ema.module, step, log).items()})
+        broadcast_buffers(ema, acc)  # each process averaged its own BatchNorm statistics
+        metrics.update({f"ema_{k}": v for k, v in evaluate(ema, step, log).items()})
     log.write(step, metrics, kind="eval")
     counters.history.append({"step": step, "epoch": state.schedule.epoch(step), **metrics})
     if select_metric and metrics:
@@ -519,7 +531,7 @@ def evaluate_and_keep_best(
         if not counters.best or value > counters.best[select_metric]:
             counters.best = {select_metric: value, "step": step, "ema": is_ema}
             if acc.is_main_process:
-                export(ema.module if is_ema else unwrapped, out / EXPORT_DIR)
+                export(ema if is_ema else unwrapped, out / EXPORT_DIR)
     acc.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
 

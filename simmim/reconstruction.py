@@ -25,8 +25,7 @@ from simmim.data import IMAGENET_MEAN, IMAGENET_STD, MaskedImageDataset, build_l
 from simmim.masking import MaskGenerator
 from simmim.metrics import mean_fill_baseline, reconstruction_metrics
 from simmim.models import DeiTConfig, DeiTForMaskedImageModeling, DeiTImageProcessor
-from simmim.models.checkpoint import read_state_dict
-from simmim.runs import RUN_CONFIG, read_export_config, read_run
+from simmim.runs import RUN_CONFIG, checkpoint_weights, read_export_config, read_run
 from simmim.visualize import reconstruction_grid
 
 METRICS = ("masked_l1", "masked_mse", "masked_psnr", "visible_l1", "visible_psnr")
@@ -59,7 +58,7 @@ def load_masked_image_model(path: str | Path) -> LoadedCheckpoint:
         if latest is None:
             raise FileNotFoundError(f"{path} is a pretraining run without any checkpoint yet")
         model = run.new_model()
-        model.load_state_dict(read_state_dict(latest / "model.safetensors"))
+        model.load_state_dict(checkpoint_weights(latest))
         return LoadedCheckpoint(model, cfg.data.mean, cfg.data.std, cfg, path)
 
     config_dir = path if path.is_dir() else path.parent

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from accelerate import Accelerator
 from torch import nn
@@ -164,6 +165,15 @@ def export_model(model: nn.Module, directory: Path, cfg: Any, id2label: dict[int
     save_config(cfg, directory / EXPORT_CONFIG)
 
 
+def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The model's weights in a training checkpoint: accelerate's `model.safetensors`, or a train.fsdp
+    run's shards joined (`simmim.sharding.join_shards`)."""
+    from simmim.sharding import join_shards
+
+    joined = join_shards(checkpoint)
+    return joined if joined is not None else read_state_dict(checkpoint / "model.safetensors")
+
+
 def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:
     """Export the newest (or a given) training checkpoint of a pretraining or fine-tuning run directory."""
     run = read_run(run_dir)
@@ -174,7 +184,7 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | No
         model, id2label = _rebuild_legacy_student(run)
     else:
         model, id2label = run.new_model(), run.id2label
-    model.load_state_dict(read_state_dict(ckpt / "model.safetensors"))
+    model.load_state_dict(checkpoint_weights(ckpt))
     export_model(model, Path(out), run.config, id2label)
     return Path(out)
 

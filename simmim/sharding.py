@@ -7,8 +7,9 @@ word, so a CPU test could not cover it), and its sharded `save_state` pickles it
 - a checkpoint holds each process's shard as safetensors (`model_shard_<rank>.safetensors`, the optimizer's
   `optimizer_shard_<rank>.safetensors` and its groups as JSON), so a resume needs the same processes;
 - evaluation, the online probe, snapshots and exports see an unsharded copy of the weights (`Unsharded`),
-  gathered on every process: they run unchanged, and no process waits on another inside them;
-- the EMA is not supported yet (refused by the config).
+  gathered tensor by tensor on every process: they run unchanged, and no process waits on another inside them;
+- the EMA (`ShardedEma`) is sharded as the model is: each process averages its own shard, and it is
+  gathered, as the model is, to be evaluated.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
@@ -36,6 +35,7 @@ from simmim.models.deit import DeiTLayer
 MODEL_SHARD = "model_shard_{rank}.safetensors"
 OPTIMIZER_SHARD = "optimizer_shard_{rank}.safetensors"
 OPTIMIZER_GROUPS = "optimizer_groups_{rank}.json"
+EMA_SHARD = "ema_shard_{rank}.safetensors"
 
 
 def shard(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
@@ -68,17 +68,68 @@ class Unsharded:
         self.copy = copy.deepcopy(model).cpu()
 
     def __call__(self, sharded: nn.Module, device: torch.device) -> nn.Module:
-        state = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
-        self.copy.load_state_dict(state)
-        self.copy.train(sharded.training)
-        return self.copy.to(device)
+        self.copy.to(device).train(sharded.training)
+        targets = self.copy.state_dict()  # views of the copy's tensors
+        with torch.no_grad():
+            for name, tensor in sharded.state_dict().items():  # one tensor gathered at a time
+                targets[name].copy_(full(tensor))
+        return self.copy
 
 
-def save(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path, rank: int) -> None:
-    """This process's shards of the model and the optimizer's state into a checkpoint directory."""
+class ShardedEma:
+    """The exponential moving average of a sharded model's weights, as `simmim.optim.ModelEma` keeps it
+    (fp32, ema = decay * ema + (1 - decay) * w, non-float buffers copied), but sharded: each process
+    averages its own shard of every tensor, so the EMA costs 4 bytes per parameter / N on each process and
+    no communication per step. `gathered()` (every process must call it) gives it as one module."""
+
+    def __init__(self, decay: float, model: nn.Module, unsharded: Unsharded) -> None:
+        self.decay = decay
+        self.like = dict(model.state_dict())  # the sharded tensors: their mesh, placements and shapes
+        self.shards = {name: local(t).detach().clone() for name, t in self.like.items()}
+        self.shards = {k: v.float() if v.is_floating_point() else v for k, v in self.shards.items()}
+        self.copy = copy.deepcopy(unsharded.copy)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for name, tensor in model.state_dict().items():
+            ema, w = self.shards[name], local(tensor)
+            if ema.is_floating_point():
+                ema.lerp_(w.to(ema.dtype), 1.0 - self.decay)
+            else:
+                ema.copy_(w)
+
+    def gathered(self, device: torch.device) -> nn.Module:
+        self.copy.to(device).eval().requires_grad_(False)
+        targets = self.copy.state_dict()
+        with torch.no_grad():
+            for name, like in self.like.items():  # one tensor gathered at a time
+                shard = self.shards[name]
+                if isinstance(like, DTensor):
+                    shard = DTensor.from_local(
+                        shard.to(like.device), like.device_mesh, like.placements, shape=like.shape,
+                        stride=like.stride(), run_check=False,
+                    ).full_tensor()  # fmt: skip
+                targets[name].copy_(shard)
+        return self.copy
+
+
+def save(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    directory: Path,
+    rank: int,
+    ema: ShardedEma | None = None,
+) -> None:
+    """This process's shards of the model, the optimizer's state and the EMA into a checkpoint directory."""
+    if ema is not None:
+        tensors = {name: t.detach().cpu().contiguous() for name, t in ema.shards.items()}
+        save_file(tensors, str(directory / EMA_SHARD.format(rank=rank)))
+    state = model.state_dict()
+    sharded = [name for name, t in state.items() if isinstance(t, DTensor)]  # the rest: whole on each
     save_file(
-        {name: local(t).detach().cpu().contiguous() for name, t in model.state_dict().items()},
+        {name: local(t).detach().cpu().contiguous() for name, t in state.items()},
         str(directory / MODEL_SHARD.format(rank=rank)),
+        metadata={"sharded": json.dumps(sharded)},
     )
     state = get_optimizer_state_dict(model, optimizer)
     tensors = {
@@ -90,9 +141,16 @@ def save(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path, ra
     (directory / OPTIMIZER_GROUPS.format(rank=rank)).write_text(json.dumps(state["param_groups"]) + "\n")
 
 
-def load(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path, rank: int) -> None:
+def load(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    directory: Path,
+    rank: int,
+    ema: ShardedEma | None = None,
+) -> None:
     """Restore what `save` wrote, into a model sharded over the same number of processes."""
-    files = [directory / name.format(rank=rank) for name in (MODEL_SHARD, OPTIMIZER_SHARD, OPTIMIZER_GROUPS)]
+    names = (MODEL_SHARD, OPTIMIZER_SHARD, OPTIMIZER_GROUPS, *((EMA_SHARD,) if ema is not None else ()))
+    files = [directory / name.format(rank=rank) for name in names]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise ValueError(
@@ -126,3 +184,23 @@ def load(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path, ra
         state.setdefault(name, {})[field] = value
     groups = json.loads(files[2].read_text())
     set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups})
+    if ema is not None:
+        for name, tensor in load_file(str(files[3])).items():
+            ema.shards[name].copy_(tensor)
+
+
+def join_shards(directory: Path) -> dict[str, torch.Tensor] | None:
+    """The whole model of a checkpoint that `save` wrote (its shards joined along dim 0, in rank order,
+    as FSDP2 splits them), or None if `directory` holds no shards: what `scripts/export.py` and the
+    reconstruction evaluation read from a checkpoint of a train.fsdp run, in one process."""
+    from safetensors import safe_open
+
+    files = sorted(directory.glob(MODEL_SHARD.format(rank="*")), key=lambda f: int(f.stem.rsplit("_", 1)[1]))
+    if not files:
+        return None
+    with safe_open(str(files[0]), "pt") as f:
+        sharded = set(json.loads((f.metadata() or {}).get("sharded", "[]")))
+    shards = [load_file(str(f)) for f in files]
+    return {
+        name: torch.cat([s[name] for s in shards]) if name in sharded else t for name, t in shards[0].items()
+    }

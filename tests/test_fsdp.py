@@ -31,6 +31,7 @@ PRETRAIN = [
     "train.save_every_steps=2",
     "train.eval_every_steps=6",
     "train.max_steps=12",
+    "train.ema=0.9",  # an EMA that moves within 12 steps
 ]
 
 
@@ -90,10 +91,13 @@ def test_fsdp_trains_as_ddp_does(runs):
         name: [json.loads(line) for line in (runs / name / "log.jsonl").read_text().splitlines()]
         for name in ("ddp", "fsdp")
     }
-    for kind in ("train", "eval"):
-        a = [r.get("loss", r.get("masked_l1")) for r in losses["ddp"] if r["kind"] == kind]
-        b = [r.get("loss", r.get("masked_l1")) for r in losses["fsdp"] if r["kind"] == kind]
-        assert len(a) == len(b) > 0 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, kind
+    for kind, value in (("train", "loss"), ("eval", "masked_l1"), ("eval", "ema_masked_l1")):
+        a = [r[value] for r in losses["ddp"] if r["kind"] == kind]
+        b = [r[value] for r in losses["fsdp"] if r["kind"] == kind]
+        assert len(a) == len(b) > 0 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, value
+    # the EMA lags the model: its evaluation differs from the model's
+    last = [r for r in losses["fsdp"] if r["kind"] == "eval"][-1]
+    assert last["ema_masked_l1"] != last["masked_l1"]
 
 
 def test_fsdp_checkpoints_hold_each_process_shard(runs):
@@ -106,6 +110,8 @@ def test_fsdp_checkpoints_hold_each_process_shard(runs):
         assert shards[0][key].shape[0] + shards[1][key].shape[0] == whole[key].shape[0], key
         joined = torch.cat([shards[0][key], shards[1][key]])
         torch.testing.assert_close(joined, whole[key], rtol=0, atol=1e-4, msg=key)
+    ema = [load_file(str(step / f"ema_shard_{rank}.safetensors")) for rank in (0, 1)]
+    assert all(ema[0][k].shape == shards[0][k].shape for k in whole)  # sharded as the model is
     optimizer = load_file(str(step / "optimizer_shard_0.safetensors"))
     assert any(k.endswith("/exp_avg_sq") for k in optimizer)
     groups = json.loads((step / "optimizer_groups_0.json").read_text())
@@ -148,6 +154,12 @@ def test_fsdp_resumes_exactly_after_sigkill(tmp_path, runs):
     mine, reference = weights(out), weights(runs / "fsdp")
     for key in reference:
         assert torch.equal(mine[key], reference[key]), key
+    # the EMA resumed too: the final evaluation of its weights is the uninterrupted run's
+    evals = [
+        [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines() if '"eval"' in line][-1]
+        for d in (out, runs / "fsdp")
+    ]
+    assert evals[0]["step"] == 12 and evals[0]["ema_masked_l1"] == evals[1]["ema_masked_l1"]
 
 
 def test_fsdp_fine_tuning_trains_as_ddp_does(tmp_path):
@@ -170,20 +182,27 @@ def test_fsdp_fine_tuning_trains_as_ddp_does(tmp_path):
     assert abs(metrics[0]["top1"] - metrics[1]["top1"]) < 1e-6
 
 
-def test_fsdp_needs_several_processes_no_ema_and_no_fp16(tmp_path):
+def test_fsdp_needs_several_processes_and_no_fp16(tmp_path):
     from helpers import run_script
 
     one = run_script("pretrain.py", [f"output_dir={tmp_path / 'one'}", *PRETRAIN, "train.fsdp=true"])
     assert one.returncode == 2 and "error: train.fsdp=true shards the model across processes" in one.stderr
-    ema = run_script(
-        "pretrain.py", [f"output_dir={tmp_path / 'ema'}", *PRETRAIN, "train.fsdp=true", "train.ema=0.99"]
-    )
-    assert ema.returncode == 2 and "train.ema=0.99: must be unset with train.fsdp=true" in ema.stderr
     fp16 = run_script(
         "pretrain.py",
         [f"output_dir={tmp_path / 'fp16'}", *PRETRAIN, "train.fsdp=true", "train.precision=fp16"],
     )
     assert (
-        fp16.returncode == 2 and "train.precision='fp16': must not be used with train.fsdp=true" in fp16.stderr
+        fp16.returncode == 2
+        and "train.precision='fp16': must not be used with train.fsdp=true" in fp16.stderr
     )
-    assert not any((tmp_path / name).exists() for name in ("one", "ema", "fp16"))
+    assert not any((tmp_path / name).exists() for name in ("one", "fp16"))
+
+
+def test_an_fsdp_checkpoint_exports_with_its_shards_joined(runs, tmp_path):
+    from simmim.runs import export_run
+
+    export_run(runs / "fsdp", tmp_path / "export")  # scripts/export.py, from the step-12 checkpoint
+    joined, final = load_file(str(tmp_path / "export" / "model.safetensors")), weights(runs / "fsdp")
+    assert joined.keys() == final.keys()
+    for key in final:
+        assert torch.equal(joined[key], final[key]), key
