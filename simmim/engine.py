@@ -352,19 +352,30 @@ class TrainState:
             shards = lambda d: sharding.save(self.model, self.optimizer, d, rank, self.ema)  # noqa: E731
         self.checkpoints.save(self.step, {"counters": self.counters.__dict__}, tensors, own, shards)
 
-    def full_model(self, acc: Accelerator) -> nn.Module:
+    @contextmanager
+    def full_model(self, acc: Accelerator) -> Iterator[nn.Module]:
         """The model as one module, for evaluation, probes and exports: the unwrapped model, or under
-        train.fsdp an unsharded copy gathered from the shards (every process must call this then)."""
+        train.fsdp an unsharded copy gathered from the shards (every process must enter this then), which
+        goes back to the host on exit, so that between uses the device holds only shards."""
         if self.unsharded is None:
-            return acc.unwrap_model(self.model)
-        return self.unsharded(self.model, acc.device)
+            yield acc.unwrap_model(self.model)
+            return
+        try:
+            yield self.unsharded(self.model, acc.device)
+        finally:
+            self.unsharded.copy.cpu()
 
-    def ema_model(self, acc: Accelerator) -> nn.Module | None:
-        """The EMA weights as one module (gathered from the shards under train.fsdp: every process must
-        call this then), or None without an EMA."""
-        if isinstance(self.ema, sharding.ShardedEma):
-            return self.ema.gathered(acc.device)
-        return None if self.ema is None else self.ema.module
+    @contextmanager
+    def ema_model(self, acc: Accelerator) -> Iterator[nn.Module | None]:
+        """The EMA weights as one module (under train.fsdp gathered from the shards, as `full_model`
+        does), or None without an EMA."""
+        if not isinstance(self.ema, sharding.ShardedEma):
+            yield None if self.ema is None else self.ema.module
+            return
+        try:
+            yield self.ema.gathered(acc.device)
+        finally:
+            self.ema.copy.cpu()
 
     def count(self, images: int, skipped: int, max_bad_fraction: float) -> None:
         """Add a flushed window's images; stop when too many could not be decoded."""
@@ -512,26 +523,26 @@ def evaluate_and_keep_best(
     out: Path,
 ) -> None:
     """Evaluate the model (and its EMA); with `select_metric`, export whichever is the best so far."""
-    step, counters, ema = state.step, state.counters, state.ema_model(acc)
     # The unwrapped model (DDP's forward can sync buffers, and ranks may hold unequal shares of the split),
     # or under train.fsdp the gathered copy (a sharded forward would wait on every process).
-    unwrapped = state.full_model(acc)
-    broadcast_buffers(unwrapped, acc)
-    metrics = evaluate(unwrapped, step, log)
-    if ema is not None:
-        broadcast_buffers(ema, acc)  # each process averaged its own BatchNorm statistics
-        metrics.update({f"ema_{k}": v for k, v in evaluate(ema, step, log).items()})
-    log.write(step, metrics, kind="eval")
-    counters.history.append({"step": step, "epoch": state.schedule.epoch(step), **metrics})
-    if select_metric and metrics:
-        candidates = [(metrics[select_metric], False)]
+    with state.full_model(acc) as unwrapped, state.ema_model(acc) as ema:
+        step, counters = state.step, state.counters
+        broadcast_buffers(unwrapped, acc)
+        metrics = evaluate(unwrapped, step, log)
         if ema is not None:
-            candidates.append((metrics[f"ema_{select_metric}"], True))
-        value, is_ema = max(candidates, key=lambda c: c[0])
-        if not counters.best or value > counters.best[select_metric]:
-            counters.best = {select_metric: value, "step": step, "ema": is_ema}
-            if acc.is_main_process:
-                export(ema if is_ema else unwrapped, out / EXPORT_DIR)
+            broadcast_buffers(ema, acc)  # each process averaged its own BatchNorm statistics
+            metrics.update({f"ema_{k}": v for k, v in evaluate(ema, step, log).items()})
+        log.write(step, metrics, kind="eval")
+        counters.history.append({"step": step, "epoch": state.schedule.epoch(step), **metrics})
+        if select_metric and metrics:
+            candidates = [(metrics[select_metric], False)]
+            if ema is not None:
+                candidates.append((metrics[f"ema_{select_metric}"], True))
+            value, is_ema = max(candidates, key=lambda c: c[0])
+            if not counters.best or value > counters.best[select_metric]:
+                counters.best = {select_metric: value, "step": step, "ema": is_ema}
+                if acc.is_main_process:
+                    export(ema if is_ema else unwrapped, out / EXPORT_DIR)
     acc.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
 
@@ -617,14 +628,14 @@ def train(
                 with evaluation_mode(model):
                     evaluate_and_keep_best(state, evaluate, log, acc, select_metric, export, out)
             if probe is not None and t.probe_every_steps and (step % t.probe_every_steps == 0 or last):
-                with evaluation_mode(model):
-                    run_probe(probe, state.full_model(acc), step, log, acc)
+                with evaluation_mode(model), state.full_model(acc) as full:
+                    run_probe(probe, full, step, log, acc)
             epoch_done, in_epoch = divmod(step, schedule.steps_per_epoch or step + 1)  # a stream: no epoch
             if in_epoch == 0 and epoch_done in t.snapshot_epochs:
                 # Before the save of this step: a run killed in between redoes the step and the snapshot.
-                full = state.full_model(acc)
-                if acc.is_main_process:
-                    export_snapshot(export, full, out / SNAPSHOTS_DIR / f"epoch_{epoch_done}")
+                with state.full_model(acc) as full:
+                    if acc.is_main_process:
+                        export_snapshot(export, full, out / SNAPSHOTS_DIR / f"epoch_{epoch_done}")
             stopping = _stop_requested(stop, acc)
             if step % t.save_every_steps == 0 or last or stopping:
                 meter.check_finite(acc, state.checkpoints)
@@ -638,9 +649,9 @@ def train(
         acc.print(f"signal {stopping}: saved step {state.step}; run the same command again to resume")
         raise SystemExit(128 + stopping)
     if not select_metric or not state.counters.best:
-        full = state.full_model(acc)
-        if acc.is_main_process:
-            export(full, out / EXPORT_DIR)
+        with state.full_model(acc) as full:
+            if acc.is_main_process:
+                export(full, out / EXPORT_DIR)
     acc.wait_for_everyone()
     return {"step": state.step, **state.counters.__dict__}
 

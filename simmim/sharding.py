@@ -131,14 +131,15 @@ def save(
         str(directory / MODEL_SHARD.format(rank=rank)),
         metadata={"sharded": json.dumps(sharded)},
     )
-    state = get_optimizer_state_dict(model, optimizer)
+    optimizer_state = get_optimizer_state_dict(model, optimizer)  # by parameter name: step, exp_avg, ...
     tensors = {
         f"{name}/{key}": local(value).detach().cpu().contiguous()
-        for name, values in state["state"].items()
+        for name, values in optimizer_state["state"].items()
         for key, value in values.items()
     }
     save_file(tensors, str(directory / OPTIMIZER_SHARD.format(rank=rank)))
-    (directory / OPTIMIZER_GROUPS.format(rank=rank)).write_text(json.dumps(state["param_groups"]) + "\n")
+    groups = json.dumps(optimizer_state["param_groups"])  # hyperparameters and parameter names
+    (directory / OPTIMIZER_GROUPS.format(rank=rank)).write_text(groups + "\n")
 
 
 def load(
