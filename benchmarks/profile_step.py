@@ -21,7 +21,8 @@ in them, 0.55-0.62 s in train_step.py's runs of the same day):
   in train_step.py). So the 2.5x target of the speed issue is at the bound of what removing every
   non-matmul operator could give on this CPU, not within reach of fusing a few of them;
 - torch.compile (inductor fuses the casts, GELU and LayerNorm into their neighbours) ran the step 1.17x and
-  1.20x faster than eager, after 58 s of compilation (cold cache): it pays off after a few hundred steps,
+  1.20x faster than eager in the two runs; compiling took 58 s with a cold cache (the other run found it
+  cached): it pays off after a few hundred steps,
   so `train.compile=true` is worth it for CPU runs longer than that, and stays off by default.
 """
 

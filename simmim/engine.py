@@ -409,9 +409,9 @@ def read_stream_position(path: Path, num_workers: int, acc: Accelerator) -> dict
             "fewer processes; resume it as it was run"
         )
     position = json.loads(file.read_text())
-    if position.get("num_processes", acc.num_processes) != acc.num_processes:
+    if position["num_processes"] != acc.num_processes:
         raise ValueError(
-            f"{path} was saved by a stream read by {position.get('num_processes')} processes, and this run has "
+            f"{path} was saved by a stream read by {position['num_processes']} processes, and this run has "
             f"{acc.num_processes}: the shards are dealt to processes x workers, so resume with as many processes"
         )
     if position["num_workers"] != num_workers:

@@ -354,10 +354,10 @@ def _stream_source(
     carve: str | None,
     val_fraction: float,
     seed: int,
-    class_names: list[str] | None = None,
 ) -> StreamSource:
     """A streaming `datasets.IterableDataset` as a `StreamSource`, its validation part carved by a hash of
-    each image (about, not exactly, `val_fraction` of it) when it has no validation split."""
+    each image (about, not exactly, `val_fraction` of it) when it has no validation split; the
+    `index.json` beside its files gives the class names of integer labels and each shard's size."""
     if columns.label_index is not None:
         raise ValueError(
             f"string label column {columns.label!r} needs a ClassLabel feature when streaming (the classes "
@@ -371,13 +371,12 @@ def _stream_source(
         for shard in entry.get("shards", [])
     }
     shards = DatasetShards(columns.prepare(dataset), columns, name, files, counts)
-    if class_names is None and isinstance(index.get("classes"), list):
-        class_names = [str(c) for c in index["classes"]]
+    classes = [str(c) for c in index["classes"]] if isinstance(index.get("classes"), list) else None
     return StreamSource(
         shards,
         name=name,
         split=split,
-        class_names=columns.class_names or class_names,
+        class_names=columns.class_names or classes,
         has_labels=columns.label is not None,
         carve=carve if val_fraction > 0 else None,
         val_fraction=val_fraction,
@@ -438,8 +437,7 @@ def _open_shard_glob(
     columns = _HuggingFaceColumns(dataset.features, image_column, label_column)
     name = pattern
     if streaming:
-        classes = _index_classes(os.path.dirname(files[0]))
-        return _stream_source(dataset, columns, name, split, carve, val_fraction, seed, classes)
+        return _stream_source(dataset, columns, name, split, carve, val_fraction, seed)
     if columns.class_names is None and columns.label is not None and columns.label_index is None:
         columns.class_names = _index_classes(os.path.dirname(files[0]))
     rows = carve_split(len(dataset), carve, val_fraction, seed) if carve and val_fraction > 0 else None
