@@ -238,7 +238,13 @@ class TrainConfig:
     fsdp: Bool = Field(
         False,
         description="shard parameters, gradients and AdamW state across processes (FSDP2, one unit per "
-        "encoder block); launch with accelerate launch --multi_gpu; a resume needs the same processes",
+        "encoder block); launch with accelerate launch --multi_gpu, or with an FSDP config "
+        "(recipes/accelerate/fsdp.yaml), which sets it; a resume needs the same processes",
+    )
+    fsdp_reshard_after_forward: Bool = Field(
+        True,
+        description="train.fsdp: free each block's gathered parameters after its forward (gathered again "
+        "for its backward); false keeps them: one gather less per block and step, for more memory",
     )
     activation_checkpointing: Bool = Field(
         False,

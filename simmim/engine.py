@@ -152,19 +152,20 @@ def make_accelerator(precision: str = "launcher", fsdp: bool = False) -> Acceler
     `accelerate launch --multi_gpu --num_processes N` on a machine without CUDA would otherwise start N
     unrelated single-process runs: there, the processes join over gloo on CPU.
     """
-    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(variable, "false").lower() == "true":
-            # On CPU accelerate would silently fall back to replicated DDP; on GPU it would shard the model
-            # its own way, whose sharded save_state pickles its metadata (simmim.sharding says more).
-            raise ValueError(
-                f"{variable}=true (accelerate launch with {name}): simmim shards with its own FSDP2; launch "
-                "with --multi_gpu and set train.fsdp=true"
-            )
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        # ZeRO would shard the model its own way, behind the loop's back (simmim.sharding says more).
+        raise ValueError(
+            "ACCELERATE_USE_DEEPSPEED=true (accelerate launch with DeepSpeed): simmim shards with FSDP2; "
+            "launch with --config_file recipes/accelerate/fsdp.yaml"
+        )
+    # An FSDP launch: training has read it as train.fsdp=true (sharding.follow_launcher); anything else (an
+    # evaluation) runs replicated. accelerate must not wrap the model with its own FSDP either way.
+    os.environ.pop("ACCELERATE_USE_FSDP", None)
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if fsdp and not multi_process:
         raise ValueError(
             "train.fsdp=true shards the model across processes, and this is one: launch with accelerate "
-            "launch --multi_gpu --num_processes N"
+            "launch --config_file recipes/accelerate/fsdp.yaml --num_processes N (N >= 2)"
         )
     mixed, _ = choose_precision(precision)
     if fsdp and mixed == "fp16":  # accelerate launch --mixed_precision fp16 with train.precision=launcher
@@ -299,7 +300,9 @@ class TrainState:
         if cfg.train.fsdp:
             # The optimizer is built over the sharded parameters; accelerate wraps neither (simmim.sharding).
             unsharded = sharding.Unsharded(model)
-            model = sharding.shard(model.to(acc.device), acc.device, acc.num_processes)
+            model = sharding.shard(
+                model.to(acc.device), acc.device, acc.num_processes, cfg.train.fsdp_reshard_after_forward
+            )
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
         # Fused on CUDA: one kernel for the whole update instead of a few per tensor group.
         optimizer = torch.optim.AdamW(

@@ -8,6 +8,7 @@ SimMIM export or run directory, a Transformers-format DeiT directory, a timm Dei
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from torch import nn
 
+from simmim import sharding
 from simmim.config import FinetuneConfig, deit_config, new_deit
 from simmim.data import (
     IMAGENET_MEAN,
@@ -223,6 +225,7 @@ def evaluate_classifier(model: nn.Module, loader, accelerator, num_classes: int)
 
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune; writes checkpoints, logs, `metrics.json` and the best model to `output_dir/export`."""
+    cfg = dataclasses.replace(cfg, train=sharding.follow_launcher(cfg.train))  # an FSDP config
     accelerator = make_accelerator(cfg.train.precision, fsdp=cfg.train.fsdp)
     set_seed(cfg.seed)
     d, head = cfg.data, cfg.model.head

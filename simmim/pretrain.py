@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from accelerate.utils import set_seed
 
+from simmim import sharding
 from simmim.config import PretrainConfig, new_deit
 from simmim.data import (
     LabeledImageDataset,
@@ -45,6 +46,7 @@ def mask_generator(cfg: PretrainConfig, mask_ratio: float | None = None) -> Mask
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain; writes checkpoints, logs and `output_dir/export`. Returns the engine's summary."""
+    cfg = dataclasses.replace(cfg, train=sharding.follow_launcher(cfg.train))  # an FSDP config
     accelerator = make_accelerator(cfg.train.precision, fsdp=cfg.train.fsdp)
     set_seed(cfg.seed)
     d = cfg.data

@@ -1,9 +1,11 @@
 """FSDP2 (`train.fsdp=true`): parameters, gradients and AdamW's state sharded across the processes, one
-unit per encoder block, with torch's `fully_shard` over the processes that `accelerate launch --multi_gpu`
-starts (NCCL on GPUs, gloo on CPUs).
+unit per encoder block, with torch's `fully_shard` over the processes that `accelerate launch` starts (NCCL
+on GPUs, gloo on CPUs).
 
-accelerate's own FSDP is not used: it runs only on GPUs (on a CPU it falls back to replicated DDP without a
-word, so a CPU test could not cover it), and its sharded `save_state` pickles its metadata. Here:
+`accelerate launch --config_file recipes/accelerate/fsdp.yaml` (an FSDP config) is read as train.fsdp=true
+(`follow_launcher`), but accelerate's own FSDP wrapping is not used: it runs only on GPUs (on a CPU it falls
+back to replicated DDP without a word, so a CPU test could not cover it), and its sharded `save_state`
+pickles its metadata. Here:
 - a checkpoint holds each process's shard as safetensors (`model_shard_<rank>.safetensors`, the optimizer's
   `optimizer_shard_<rank>.safetensors` and its groups as JSON), so a resume needs the same processes;
 - evaluation, the online probe, snapshots and exports see an unsharded copy of the weights (`Unsharded`),
@@ -15,7 +17,9 @@ word, so a CPU test could not cover it), and its sharded `save_state` pickles it
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from simmim.config import TrainConfig
 from simmim.models.deit import DeiTLayer
 
 MODEL_SHARD = "model_shard_{rank}.safetensors"
@@ -38,14 +43,67 @@ OPTIMIZER_GROUPS = "optimizer_groups_{rank}.json"
 EMA_SHARD = "ema_shard_{rank}.safetensors"
 
 
-def shard(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
+def follow_launcher(train: TrainConfig, environ: dict[str, str] | None = None) -> TrainConfig:
+    """`train` as `accelerate launch` with an FSDP config asks (`--config_file recipes/accelerate/fsdp.yaml`,
+    or `--use_fsdp --fsdp_version 2`): train.fsdp=true, with its reshard_after_forward and activation
+    checkpointing. Unchanged under any other launch.
+
+    Followed: fsdp_version (2 only), fsdp_reshard_after_forward, fsdp_activation_checkpointing. Refused:
+    parameter and activation offload. The wrapping policy and state-dict type do not apply: simmim wraps each
+    encoder block and saves per-process safetensors shards. ACCELERATE_USE_FSDP is then removed from this
+    process's environment, so that accelerate neither wraps the model itself nor clips through its wrapper.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return train
+    version = env.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise ValueError(
+            f"FSDP_VERSION={version} (accelerate launch with fsdp_version {version}): simmim shards with "
+            "FSDP2; set fsdp_version: 2 (as recipes/accelerate/fsdp.yaml does) or --fsdp_version 2"
+        )
+    for variable, what in (
+        ("FSDP_OFFLOAD_PARAMS", "fsdp_offload_params"),
+        ("FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD", "fsdp_activation_checkpointing_offload"),
+    ):
+        if env.get(variable, "false").lower() == "true":
+            raise ValueError(
+                f"{variable}=true (accelerate launch with {what}: true): simmim does not offload to the CPU; "
+                f"set {what}: false"
+            )
+    reshard = env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
+    if reshard not in ("true", "false"):
+        raise ValueError(
+            f"FSDP_RESHARD_AFTER_FORWARD={reshard} (accelerate launch with fsdp_reshard_after_forward): "
+            "expected true or false under FSDP2"
+        )
+    checkpointing = env.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true"
+    env.pop("ACCELERATE_USE_FSDP")
+    if int(env.get("RANK", "0")) == 0:
+        print(
+            f"train.fsdp=true: accelerate launch asked for FSDP (fsdp_version 2, reshard_after_forward {reshard}"
+            f"{', activation checkpointing' if checkpointing else ''}); simmim shards each encoder block "
+            "with its own FSDP2"
+        )
+    return dataclasses.replace(
+        train,
+        fsdp=True,
+        fsdp_reshard_after_forward=reshard == "true",
+        activation_checkpointing=train.activation_checkpointing or checkpointing,
+    )
+
+
+def shard(
+    model: nn.Module, device: torch.device, world_size: int, reshard_after_forward: bool = True
+) -> nn.Module:
     """Shard `model` in place over all processes: each DeiT block is a unit (gathered for its forward and
-    backward, freed after), and the root holds the rest (embeddings, head, decoder)."""
+    backward, freed after its forward too when `reshard_after_forward`), and the root holds the rest
+    (embeddings, head, decoder)."""
     mesh = init_device_mesh(device.type, (world_size,))
     for module in model.modules():
         if isinstance(module, DeiTLayer):
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+            fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return model
 
 

@@ -1,18 +1,22 @@
-"""FSDP2 (`train.fsdp=true`) over two CPU processes (gloo): the same weights as DDP, the model and optimizer
-sharded in the checkpoints, an exact resume after SIGKILL, and an export Transformers loads whole."""
+"""FSDP2 (`train.fsdp=true`, or accelerate launch with recipes/accelerate/fsdp.yaml) over two CPU processes
+(gloo): the same weights as DDP, the model and optimizer sharded in the checkpoints, an exact resume after
+SIGKILL, and an export Transformers loads whole."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import ROOT, TINY_MODEL, script_env, tiny_data
 from safetensors.torch import load_file
 
@@ -35,16 +39,23 @@ PRETRAIN = [
 ]
 
 
-def launch(script: str, args: list[str], port: int, **popen) -> list[str]:
+FSDP_CONFIG = ["--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp.yaml")]
+
+
+def launch(script: str, args: list[str], port: int, how: Sequence[str] = ("--multi_gpu",)) -> list[str]:
+    """accelerate launch over 2 processes; `how`: --multi_gpu (DDP, or FSDP with train.fsdp=true) or
+    FSDP_CONFIG with any --fsdp_* flags."""
     return [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(port), str(ROOT / "scripts" / script), *args,
     ]  # fmt: skip
 
 
-def run(script: str, args: list[str], port: int) -> subprocess.CompletedProcess:
-    command = launch(script, args, port)
+def run(
+    script: str, args: list[str], port: int, how: Sequence[str] = ("--multi_gpu",)
+) -> subprocess.CompletedProcess:
+    command = launch(script, args, port, how)
     return subprocess.run(command, env=script_env(), capture_output=True, text=True, timeout=300)
 
 
@@ -74,11 +85,14 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same 12 steps under DDP and under FSDP."""
+    """The same 12 steps under DDP and under FSDP (launched with accelerate's FSDP config; the resume test
+    launches train.fsdp=true with --multi_gpu and must reach the same bits)."""
     root = tmp_path_factory.mktemp("fsdp")
-    for name, extra, port in (("ddp", [], 29561), ("fsdp", ["train.fsdp=true"], 29562)):
-        result = run("pretrain.py", [f"output_dir={root / name}", *PRETRAIN, *extra], port)
+    for name, how, port in (("ddp", ["--multi_gpu"], 29561), ("fsdp", FSDP_CONFIG, 29562)):
+        result = run("pretrain.py", [f"output_dir={root / name}", *PRETRAIN], port, how)
         assert result.returncode == 0, result.stderr[-3000:]
+    assert "train.fsdp=true: accelerate launch asked for FSDP" in result.stdout
+    assert yaml.safe_load((root / "fsdp" / "config.yaml").read_text())["train"]["fsdp"] is True
     return root
 
 
@@ -169,12 +183,21 @@ def test_fsdp_fine_tuning_trains_as_ddp_does(tmp_path):
         "aug.rand_augment=false",
     ]  # fmt: skip
     outputs = {}
-    # activation checkpointing recomputes each block, which FSDP gathers again for it: the same weights
-    sharded = ["train.fsdp=true", "train.activation_checkpointing=true"]
-    for name, extra, port in (("ddp", [], 29565), ("fsdp", sharded, 29566)):
+    # The settings of accelerate's FSDP config that simmim follows: blocks kept gathered from forward to
+    # backward, and activation checkpointing, which recomputes each block: the same weights.
+    sharded = [
+        *FSDP_CONFIG,
+        "--fsdp_reshard_after_forward",
+        "false",
+        "--fsdp_activation_checkpointing",
+        "true",
+    ]
+    for name, how, port in (("ddp", ["--multi_gpu"], 29565), ("fsdp", sharded, 29566)):
         outputs[name] = tmp_path / name
-        result = run("finetune.py", [f"output_dir={outputs[name]}", *common, *extra], port)
+        result = run("finetune.py", [f"output_dir={outputs[name]}", *common], port, how)
         assert result.returncode == 0, result.stderr[-3000:]
+    train = yaml.safe_load((outputs["fsdp"] / "config.yaml").read_text())["train"]
+    assert train["fsdp"] and train["activation_checkpointing"] and not train["fsdp_reshard_after_forward"]
     ddp, fsdp = weights(outputs["ddp"]), weights(outputs["fsdp"])
     for key in ddp:
         torch.testing.assert_close(fsdp[key], ddp[key], rtol=0, atol=1e-4, msg=key)
@@ -206,3 +229,50 @@ def test_an_fsdp_checkpoint_exports_with_its_shards_joined(runs, tmp_path):
     assert joined.keys() == final.keys()
     for key in final:
         assert torch.equal(joined[key], final[key]), key
+
+
+ACCELERATE_FSDP = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"}
+
+
+def test_an_accelerate_fsdp_launch_is_read_as_train_fsdp():
+    from simmim.config import TrainConfig
+    from simmim.sharding import follow_launcher
+
+    plain = TrainConfig()
+    assert follow_launcher(plain, {}) is plain  # any other launch: unchanged
+    env = {**ACCELERATE_FSDP, "FSDP_RESHARD_AFTER_FORWARD": "false", "FSDP_ACTIVATION_CHECKPOINTING": "true"}
+    train = follow_launcher(plain, env)
+    assert train.fsdp and not train.fsdp_reshard_after_forward and train.activation_checkpointing
+    assert "ACCELERATE_USE_FSDP" not in env  # accelerate must not wrap the model itself
+    train = follow_launcher(TrainConfig(activation_checkpointing=True), dict(ACCELERATE_FSDP))
+    assert train.fsdp and train.fsdp_reshard_after_forward and train.activation_checkpointing
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (
+            {"FSDP_VERSION": "1"},
+            "FSDP_VERSION=1 (accelerate launch with fsdp_version 1): simmim shards with FSDP2",
+        ),
+        (
+            {"FSDP_OFFLOAD_PARAMS": "true"},
+            "FSDP_OFFLOAD_PARAMS=true (accelerate launch with fsdp_offload_params",
+        ),
+        ({"FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD": "true"}, "simmim does not offload to the CPU"),
+        ({"FSDP_RESHARD_AFTER_FORWARD": "SHARD_GRAD_OP"}, "expected true or false under FSDP2"),
+    ],
+)
+def test_fsdp_launch_settings_simmim_cannot_follow_are_refused(setting, message):
+    from simmim.config import TrainConfig
+    from simmim.sharding import follow_launcher
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        follow_launcher(TrainConfig(), {**ACCELERATE_FSDP, **setting})
+
+
+def test_accelerate_launch_use_fsdp_without_version_2_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "run"
+    how = ["--use_fsdp"]  # accelerate's default fsdp_version is 1
+    result = run("pretrain.py", [f"output_dir={out}", *PRETRAIN], 29567, how)
+    assert result.returncode != 0 and "error: FSDP_VERSION=1" in result.stderr and not out.exists()

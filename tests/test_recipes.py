@@ -17,6 +17,11 @@ def test_recipe_loads_and_has_a_header(recipe, monkeypatch):
     header = recipe.read_text().split("\n")
     for field in ("# Command:", "# Hardware:", "# Expected:", "# Deviates:"):
         assert any(line.startswith(field) for line in header), f"{recipe.name} lacks {field}"
+    if recipe.parent.name == "accelerate":  # a launch config: accelerate must read it
+        from accelerate.commands.config.config_args import load_config_from_file
+
+        assert load_config_from_file(str(recipe)).distributed_type is not None
+        return
     if "arms" in yaml.safe_load(recipe.read_text()):  # a study file (scripts/study.py)
         monkeypatch.chdir(ROOT)  # its paths are relative to the checkout, as its command runs
         data = yaml.safe_load(recipe.read_text())["data"]
