@@ -9,8 +9,10 @@
 #   bash benchmarks/gpu.sh --tiny          # anywhere, on CPU: tiny sizes, to check that the script runs
 #
 # Setup there: that machine has torch, torchvision, accelerate, transformers, timm, tensorboard and
-# safetensors but not `datasets` (and pydantic may be missing): wheels carried in .whl/ (see the device
-# README for how they are downloaded here) are installed into /tmp/site, and simmim itself with --no-deps.
+# safetensors, but not pydantic, torchdata or datasets. `bash benchmarks/gpu_wheels.sh`, run here first,
+# downloads their wheels into .whl/ (3.7 MB); the device call carries it:
+#   run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=540)
+# They are installed there into /tmp/site, and simmim itself with --no-deps.
 # Each phase has its own time limit and a failed phase does not stop the others: the table says what ran.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +24,7 @@ WORK=$(mktemp -d)
 export PYTHONUNBUFFERED=1
 log() { echo "== $(date +%H:%M:%S) $*" | tee -a "$OUT/gpu.log"; }
 
-if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
+if [[ $TINY == 0 && -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then  # tiny: this venv
     log "installing carried wheels"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
