@@ -1,7 +1,9 @@
-"""One table from benchmarks/gpu.sh's results: the step (gpu_step.py), the loader (gpu_loader.py) and the
-end-to-end pretraining run's log, with the targets of the GPU issue beside them.
+"""One table from benchmarks/gpu.sh's results: the step (gpu_step.py), FSDP2 on the device (gpu_fsdp.py),
+activation checkpointing (activation_memory.py), the loader (gpu_loader.py) and the end-to-end pretraining
+run's log, with the targets of the GPU issue beside them.
 
-    python benchmarks/gpu_table.py RESULTS_DIR        # reads step.json, loader.json, e2e_log.jsonl; writes table.md
+    python benchmarks/gpu_table.py RESULTS_DIR   # reads step.json, fsdp.json, activation.md, loader.json,
+                                                 # e2e_log.jsonl; writes table.md
 """
 
 from __future__ import annotations
@@ -62,6 +64,23 @@ def main() -> None:
             f"Host syncs in {sync['steps']} steps of simmim's train_step: {sync['sync_warnings']} {sync['kinds']}"
         )
         lines.append("")
+    fsdp = json.loads((results / "fsdp.json").read_text()) if (results / "fsdp.json").is_file() else None
+    if fsdp:
+        lines.append(
+            f"FSDP2 on {fsdp['device']} ({fsdp['model']}, a mesh of one): {'ok' if fsdp['ok'] else 'FAILED'}; "
+            f"fp32 weights within {fsdp['fp32_max_weight_difference']:.1e} of the unsharded model, resume "
+            f"difference {fsdp['resume_max_weight_difference']:.1e}, bf16 losses "
+            f"{', '.join(f'{v:.4f}' for v in fsdp['bf16_losses'])}"
+        )
+        lines.append("")
+    activation = results / "activation.md"
+    if activation.is_file() and "saving:" in activation.read_text():
+        lines += [
+            "Activation checkpointing (benchmarks/activation_memory.py):",
+            "",
+            activation.read_text().strip(),
+            "",
+        ]
     if loader:
         lines.append(
             f"Loader, {loader['workers']} workers, batch {loader['batch_size']}: {loader['loader_img_per_s']:.0f} img/s; "

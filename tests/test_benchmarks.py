@@ -28,12 +28,15 @@ def test_gpu_benchmark_runs_in_its_tiny_mode(tmp_path):
     }
     assert all(r["img_per_s"] > 0 for r in step["rows"])
     assert step["sync_check"]["steps"] == 3
+    assert json.loads((tmp_path / "fsdp.json").read_text())["ok"]  # the sharded path, over gloo here
+    assert "saving:" in (tmp_path / "activation.md").read_text()
     loader = json.loads((tmp_path / "loader.json").read_text())
     assert loader["loader_img_per_s"] > 0 and loader["gpu_decode_img_per_s"] is None  # no CUDA here
     records = [json.loads(line) for line in (tmp_path / "e2e_log.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in records) == 6  # the end-to-end run went through
     table = (tmp_path / "table.md").read_text()
     assert "| DeiT-tiny/16 | simmim | off | 4 |" in table and "| DeiT-B >= 4,000 img/s |" in table
+    assert "FSDP2 on cpu" in table and "Activation checkpointing" in table
 
 
 def test_training_flops_of_deit_base_match_the_published_count():
