@@ -14,7 +14,8 @@ jobs the threads stall (a median far above the minimum shows it): measure on an 
 Transformers fp32 and ~1.1-1.3x Transformers bf16; fp32 at parity (GEMMs and attention are the same kernels).
 2026-12-04, the same kind of CPU, Transformers 5.25, two runs of `--device cpu --threads 2 --steps 10`:
 simmim bf16 1.83x and 1.81x Transformers fp32 (target 2.5x: missed), 1.36x and 1.26x Transformers bf16
-(target 1.3x: met once); fp32 1.00x. `benchmarks/profile_step.py` shows where the bf16 step's time goes.
+(target 1.3x: met once); fp32 1.00x. A third run, the next session: 1.88x, 1.32x, fp32 1.08x.
+`benchmarks/profile_step.py` shows where the bf16 step's time goes.
 """
 
 from __future__ import annotations
