@@ -64,6 +64,7 @@ def measure(args: argparse.Namespace, checkpointing: bool) -> dict[str, float]:
         base = torch.cuda.memory_allocated() / 2**20
     else:
         base = peak_rss_mib()
+    step()  # a warm-up step (allocator, kernels), within the peak: the timed steps are the same shape
     start = time.perf_counter()
     for _ in range(args.steps):
         step()

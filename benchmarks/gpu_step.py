@@ -143,23 +143,40 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
     sizes = {"tiny": 4} if args.tiny else SIZES
     compile_modes = [False] if args.tiny or args.no_compile else [False, True]
-    rows = []
-    for variant, batch in sizes.items():
-        config = bench_config(variant, args.tiny)
-        torch.manual_seed(0)
-        x = torch.randn(batch, 3, *config.image_hw, device=device)
-        h, w = config.grid_size
-        mask = fixed_mask(batch, h * w, 0.6).to(device)
-        flops = train_flops_per_image(config)
-        with tempfile.TemporaryDirectory() as tmp:
-            DeiTForMaskedImageModeling(config).save_pretrained(tmp)
-            for compiled in compile_modes:
+    rows: list[dict] = []
+    result = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (tiny check)",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peak_tflops": PEAK_TFLOPS,
+        "rows": rows,
+        "sync_check": None,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every row: a run stopped at its time limit keeps what it measured
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = {}
+        for variant, batch in sizes.items():
+            config = bench_config(variant, args.tiny)
+            torch.manual_seed(0)
+            DeiTForMaskedImageModeling(config).save_pretrained(f"{tmp}/{variant}")
+            x = torch.randn(batch, 3, *config.image_hw, device=device)
+            h, w = config.grid_size
+            inputs[variant] = (config, batch, x, fixed_mask(batch, h * w, 0.6).to(device))
+        # Every eager row, then the sync check, then the compiled rows (each compile takes a while).
+        for compiled in compile_modes:
+            for variant, (config, batch, x, mask) in inputs.items():
+                flops = train_flops_per_image(config)
                 for library in ("simmim", "transformers"):
                     if library == "simmim":
-                        model = DeiTForMaskedImageModeling.from_pretrained(tmp)
+                        model = DeiTForMaskedImageModeling.from_pretrained(f"{tmp}/{variant}")
                     else:
                         model = transformers.DeiTForMaskedImageModeling.from_pretrained(
-                            tmp, attn_implementation="sdpa"
+                            f"{tmp}/{variant}", attn_implementation="sdpa"
                         )
                     model.to(device).train()
                     step_model = torch.compile(model) if compiled else model
@@ -172,22 +189,17 @@ def main() -> None:
                         "mfu": img_s * flops / 1e12 / PEAK_TFLOPS, "wall_s": time.perf_counter() - started,
                     })  # fmt: skip
                     print(json.dumps(rows[-1]), flush=True)
+                    save()
                     del model, step_model
                     gc.collect()
                     if device == "cuda":
                         torch.cuda.empty_cache()
-    sync = sync_check(bench_config("small", args.tiny), 4 if args.tiny else 64, device)
-    print(json.dumps({"sync_check": sync}), flush=True)
-    result = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (tiny check)",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peak_tflops": PEAK_TFLOPS,
-        "rows": rows,
-        "sync_check": sync,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+            if not compiled:
+                result["sync_check"] = sync_check(
+                    bench_config("small", args.tiny), 4 if args.tiny else 64, device
+                )
+                print(json.dumps({"sync_check": result["sync_check"]}), flush=True)
+                save()
 
 
 if __name__ == "__main__":

@@ -60,16 +60,20 @@ def main() -> None:
         ]
         lines += step_rows(step) + [""]
         sync = step["sync_check"]
-        lines.append(
-            f"Host syncs in {sync['steps']} steps of simmim's train_step: {sync['sync_warnings']} {sync['kinds']}"
-        )
+        if sync is None:
+            lines.append("Host syncs in simmim's train_step: not measured (the step phase stopped before)")
+        else:
+            lines.append(
+                f"Host syncs in {sync['steps']} steps of simmim's train_step: {sync['sync_warnings']} {sync['kinds']}"
+            )
         lines.append("")
     fsdp = json.loads((results / "fsdp.json").read_text()) if (results / "fsdp.json").is_file() else None
     if fsdp:
         lines.append(
             f"FSDP2 on {fsdp['device']} ({fsdp['model']}, a mesh of one): {'ok' if fsdp['ok'] else 'FAILED'}; "
             f"fp32 weights within {fsdp['fp32_max_weight_difference']:.1e} of the unsharded model, resume "
-            f"difference {fsdp['resume_max_weight_difference']:.1e}, bf16 losses "
+            f"load difference {fsdp['load_max_weight_difference']:.1e}, after one more step "
+            f"{fsdp['resume_max_weight_difference']:.1e}, bf16 losses "
             f"{', '.join(f'{v:.4f}' for v in fsdp['bf16_losses'])}"
         )
         lines.append("")

@@ -8,7 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
+EXCLUDE=$(git rev-parse --git-path info/exclude)  # .git may be a file (a worktree)
+mkdir -p "$(dirname "$EXCLUDE")"
+grep -qx "/.whl/" "$EXCLUDE" 2>/dev/null || echo "/.whl/" >> "$EXCLUDE"
 PACKAGES=(torchdata pydantic pydantic-core annotated-types typing-inspection typing-extensions datasets dill multiprocess)
 PINS=$("$PY" - "${PACKAGES[@]}" <<'PYEOF'
 import sys
@@ -22,7 +24,7 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manyl
     PLATFORMS+=(--platform "$p")
 done
 # shellcheck disable=SC2086  # PINS is a list of name==version
-"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "${PYTHON_VERSION:-3.12}" --implementation cp \
     "${PLATFORMS[@]}" -d .whl $PINS
 ls -1 .whl
 du -sh .whl

@@ -8,7 +8,6 @@ SimMIM export or run directory, a Transformers-format DeiT directory, a timm Dei
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -225,7 +224,7 @@ def evaluate_classifier(model: nn.Module, loader, accelerator, num_classes: int)
 
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune; writes checkpoints, logs, `metrics.json` and the best model to `output_dir/export`."""
-    cfg = dataclasses.replace(cfg, train=sharding.follow_launcher(cfg.train))  # an FSDP config
+    cfg = sharding.follow_launcher(cfg)  # accelerate launch with an FSDP config: train.fsdp=true
     accelerator = make_accelerator(cfg.train.precision, fsdp=cfg.train.fsdp)
     set_seed(cfg.seed)
     d, head = cfg.data, cfg.model.head

@@ -46,7 +46,7 @@ def mask_generator(cfg: PretrainConfig, mask_ratio: float | None = None) -> Mask
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain; writes checkpoints, logs and `output_dir/export`. Returns the engine's summary."""
-    cfg = dataclasses.replace(cfg, train=sharding.follow_launcher(cfg.train))  # an FSDP config
+    cfg = sharding.follow_launcher(cfg)  # accelerate launch with an FSDP config: train.fsdp=true
     accelerator = make_accelerator(cfg.train.precision, fsdp=cfg.train.fsdp)
     set_seed(cfg.seed)
     d = cfg.data

@@ -133,6 +133,19 @@ def prepare_output_dir(
     its config, so the keys that differ from the saved one are printed."""
     out = Path(cfg.output_dir)
     path = out / RUN_CONFIG
+    latest = latest_checkpoint(out)
+    if latest is not None:
+        from simmim.sharding import holds_shards  # torch's FSDP, imported only where a run resumes
+
+        if cfg.train.fsdp != holds_shards(latest):  # a resume launched otherwise than the run
+            saved_by = (
+                "a train.fsdp=true run (FSDP shards)" if holds_shards(latest) else "a run without train.fsdp"
+            )
+            raise ValueError(
+                f"{latest} was saved by {saved_by}, and this run has train.fsdp={str(cfg.train.fsdp).lower()}: "
+                "resume it as it was launched (FSDP: accelerate launch --config_file "
+                "recipes/accelerate/fsdp.yaml, or train.fsdp=true)"
+            )
     if accelerator.is_main_process:
         if path.is_file() and latest_checkpoint(out) is not None:
             previous = _flatten(yaml.safe_load(path.read_text()) or {})

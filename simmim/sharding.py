@@ -17,11 +17,10 @@ pickles its metadata. Here:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -34,7 +33,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from simmim.config import TrainConfig
+from simmim.config import config_from_dict, config_to_dict
 from simmim.models.deit import DeiTLayer
 
 MODEL_SHARD = "model_shard_{rank}.safetensors"
@@ -42,20 +41,23 @@ OPTIMIZER_SHARD = "optimizer_shard_{rank}.safetensors"
 OPTIMIZER_GROUPS = "optimizer_groups_{rank}.json"
 EMA_SHARD = "ema_shard_{rank}.safetensors"
 
+C = TypeVar("C")  # a PretrainConfig or FinetuneConfig
 
-def follow_launcher(train: TrainConfig, environ: dict[str, str] | None = None) -> TrainConfig:
-    """`train` as `accelerate launch` with an FSDP config asks (`--config_file recipes/accelerate/fsdp.yaml`,
-    or `--use_fsdp --fsdp_version 2`): train.fsdp=true, with its reshard_after_forward and activation
-    checkpointing. Unchanged under any other launch.
 
-    Followed: fsdp_version (2 only), fsdp_reshard_after_forward, fsdp_activation_checkpointing. Refused:
-    parameter and activation offload. The wrapping policy and state-dict type do not apply: simmim wraps each
+def follow_launcher(cfg: C, environ: dict[str, str] | None = None) -> C:
+    """`cfg` as `accelerate launch` with an FSDP config asks (`--config_file recipes/accelerate/fsdp.yaml`,
+    or `--use_fsdp --fsdp_version 2`): train.fsdp=true. Unchanged under any other launch.
+
+    Of the launch config, fsdp_version must be 2, and parameter and activation offload are refused. Its
+    fsdp_reshard_after_forward and fsdp_activation_checkpointing combine with train.fsdp_reshard_after_forward
+    and train.activation_checkpointing: a setting away from its default in either wins (false for the
+    first, true for the second). The wrapping policy and state-dict type do not apply: simmim wraps each
     encoder block and saves per-process safetensors shards. ACCELERATE_USE_FSDP is then removed from this
     process's environment, so that accelerate neither wraps the model itself nor clips through its wrapper.
     """
     env = os.environ if environ is None else environ
     if env.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
-        return train
+        return cfg
     version = env.get("FSDP_VERSION", "1")
     if version != "2":
         raise ValueError(
@@ -71,26 +73,40 @@ def follow_launcher(train: TrainConfig, environ: dict[str, str] | None = None) -
                 f"{variable}=true (accelerate launch with {what}: true): simmim does not offload to the CPU; "
                 f"set {what}: false"
             )
-    reshard = env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
-    if reshard not in ("true", "false"):
+    given = env.get("FSDP_RESHARD_AFTER_FORWARD", "true")
+    if given.lower() not in ("true", "false"):
         raise ValueError(
-            f"FSDP_RESHARD_AFTER_FORWARD={reshard} (accelerate launch with fsdp_reshard_after_forward): "
+            f"FSDP_RESHARD_AFTER_FORWARD={given} (accelerate launch with fsdp_reshard_after_forward): "
             "expected true or false under FSDP2"
         )
-    checkpointing = env.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true"
+    train = cfg.train
+    reshard = train.fsdp_reshard_after_forward and given.lower() == "true"
+    checkpointing = (
+        train.activation_checkpointing or env.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() == "true"
+    )
+    tree = config_to_dict(cfg)
+    tree["train"] |= {
+        "fsdp": True,
+        "fsdp_reshard_after_forward": reshard,
+        "activation_checkpointing": checkpointing,
+    }
+    try:
+        followed = config_from_dict(type(cfg), tree)
+    except ValueError as e:  # e.g. train.precision=fp16, which FSDP cannot take
+        raise ValueError(f"{e} (train.fsdp=true comes from accelerate launch's FSDP config)") from None
     env.pop("ACCELERATE_USE_FSDP")
     if int(env.get("RANK", "0")) == 0:
         print(
-            f"train.fsdp=true: accelerate launch asked for FSDP (fsdp_version 2, reshard_after_forward {reshard}"
-            f"{', activation checkpointing' if checkpointing else ''}); simmim shards each encoder block "
-            "with its own FSDP2"
+            f"train.fsdp=true: accelerate launch asked for FSDP; simmim shards each encoder block with its own "
+            f"FSDP2 (reshard_after_forward {str(reshard).lower()}, activation checkpointing "
+            f"{'on' if checkpointing else 'off'})"
         )
-    return dataclasses.replace(
-        train,
-        fsdp=True,
-        fsdp_reshard_after_forward=reshard == "true",
-        activation_checkpointing=train.activation_checkpointing or checkpointing,
-    )
+    return followed
+
+
+def holds_shards(checkpoint: Path) -> bool:
+    """Whether a training checkpoint was saved by a train.fsdp run (its model as per-process shards)."""
+    return (checkpoint / MODEL_SHARD.format(rank=0)).is_file()
 
 
 def shard(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -234,41 +235,96 @@ def test_an_fsdp_checkpoint_exports_with_its_shards_joined(runs, tmp_path):
 ACCELERATE_FSDP = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"}
 
 
+def pretrain_config(*overrides: str):
+    from simmim.config import PretrainConfig, load_config
+
+    return load_config(PretrainConfig, None, ["output_dir=runs/x", *overrides])
+
+
 def test_an_accelerate_fsdp_launch_is_read_as_train_fsdp():
-    from simmim.config import TrainConfig
     from simmim.sharding import follow_launcher
 
-    plain = TrainConfig()
+    plain = pretrain_config()
     assert follow_launcher(plain, {}) is plain  # any other launch: unchanged
     env = {**ACCELERATE_FSDP, "FSDP_RESHARD_AFTER_FORWARD": "false", "FSDP_ACTIVATION_CHECKPOINTING": "true"}
-    train = follow_launcher(plain, env)
+    train = follow_launcher(plain, env).train
     assert train.fsdp and not train.fsdp_reshard_after_forward and train.activation_checkpointing
     assert "ACCELERATE_USE_FSDP" not in env  # accelerate must not wrap the model itself
-    train = follow_launcher(TrainConfig(activation_checkpointing=True), dict(ACCELERATE_FSDP))
-    assert train.fsdp and train.fsdp_reshard_after_forward and train.activation_checkpointing
+    # A setting away from its default wins, from either side.
+    cfg = pretrain_config("train.activation_checkpointing=true", "train.fsdp_reshard_after_forward=false")
+    train = follow_launcher(cfg, dict(ACCELERATE_FSDP)).train
+    assert train.fsdp and not train.fsdp_reshard_after_forward and train.activation_checkpointing
+    assert follow_launcher(cfg, dict(ACCELERATE_FSDP)).model == cfg.model  # the rest unchanged
 
 
 @pytest.mark.parametrize(
-    "setting, message",
+    "setting, overrides, message",
     [
         (
             {"FSDP_VERSION": "1"},
+            [],
             "FSDP_VERSION=1 (accelerate launch with fsdp_version 1): simmim shards with FSDP2",
         ),
         (
             {"FSDP_OFFLOAD_PARAMS": "true"},
+            [],
             "FSDP_OFFLOAD_PARAMS=true (accelerate launch with fsdp_offload_params",
         ),
-        ({"FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD": "true"}, "simmim does not offload to the CPU"),
-        ({"FSDP_RESHARD_AFTER_FORWARD": "SHARD_GRAD_OP"}, "expected true or false under FSDP2"),
+        ({"FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD": "true"}, [], "simmim does not offload to the CPU"),
+        (
+            {"FSDP_RESHARD_AFTER_FORWARD": "SHARD_GRAD_OP"},
+            [],
+            "=SHARD_GRAD_OP (accelerate launch with fsdp_resh",
+        ),
+        ({}, ["train.precision=fp16"], "train.precision='fp16': must not be used with train.fsdp=true"),
     ],
 )
-def test_fsdp_launch_settings_simmim_cannot_follow_are_refused(setting, message):
-    from simmim.config import TrainConfig
+def test_fsdp_launch_settings_simmim_cannot_follow_are_refused(setting, overrides, message):
     from simmim.sharding import follow_launcher
 
-    with pytest.raises(ValueError, match=re.escape(message)):
-        follow_launcher(TrainConfig(), {**ACCELERATE_FSDP, **setting})
+    env = {**ACCELERATE_FSDP, **setting}
+    with pytest.raises(ValueError, match=re.escape(message)) as raised:
+        follow_launcher(pretrain_config(*overrides), env)
+    assert "\n" not in str(raised.value) and "ACCELERATE_USE_FSDP" in env  # one line; nothing changed
+    if overrides:  # says where train.fsdp=true came from
+        assert str(raised.value).endswith("(train.fsdp=true comes from accelerate launch's FSDP config)")
+
+
+def test_a_run_resumed_without_its_fsdp_launch_is_refused_before_any_work(runs, tmp_path):
+    from helpers import run_script
+
+    copy = tmp_path / "fsdp"
+    shutil.copytree(runs / "fsdp", copy)
+    before = {p: p.stat().st_mtime_ns for p in copy.rglob("*")}
+    result = run_script("pretrain.py", [f"output_dir={copy}", *PRETRAIN])  # plain python: no FSDP
+    assert result.returncode == 2
+    assert f"error: {copy}/checkpoints/step_00000012 was saved by a train.fsdp=true run" in result.stderr
+    assert "resume it as it was launched" in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in copy.rglob("*")} == before  # nothing rewritten
+
+
+def test_reshard_after_forward_false_keeps_blocks_gathered_after_forward():
+    """train.fsdp_reshard_after_forward reaches fully_shard: with false, a block's parameters stay
+    unsharded from its forward to its backward (one process, gloo)."""
+    code = """
+import os, torch, torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from simmim import sharding
+from simmim.models import DeiTConfig, DeiTForMaskedImageModeling
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29568")
+dist.init_process_group("gloo", rank=0, world_size=1)
+config = DeiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                    image_size=32, patch_size=8, encoder_stride=8)
+for reshard in (True, False):
+    model = sharding.shard(DeiTForMaskedImageModeling(config), torch.device("cpu"), 1, reshard)
+    model(torch.randn(2, 3, 32, 32))
+    block = model.deit.layers[0]
+    print(reshard, all(isinstance(p, DTensor) for p in block.parameters()))
+"""
+    result = subprocess.run([sys.executable, "-c", code], env=script_env(), capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["True", "True", "False", "False"]
 
 
 def test_accelerate_launch_use_fsdp_without_version_2_is_refused_before_any_work(tmp_path):

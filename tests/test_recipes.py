@@ -19,8 +19,12 @@ def test_recipe_loads_and_has_a_header(recipe, monkeypatch):
         assert any(line.startswith(field) for line in header), f"{recipe.name} lacks {field}"
     if recipe.parent.name == "accelerate":  # a launch config: accelerate must read it
         from accelerate.commands.config.config_args import load_config_from_file
+        from accelerate.utils import DistributedType
 
-        assert load_config_from_file(str(recipe)).distributed_type is not None
+        launch = load_config_from_file(str(recipe))
+        if recipe.stem == "fsdp":  # what simmim.sharding.follow_launcher needs to read it as train.fsdp
+            assert launch.distributed_type == DistributedType.FSDP
+            assert launch.fsdp_config["fsdp_version"] == 2
         return
     if "arms" in yaml.safe_load(recipe.read_text()):  # a study file (scripts/study.py)
         monkeypatch.chdir(ROOT)  # its paths are relative to the checkout, as its command runs
