@@ -137,17 +137,16 @@ def prepare_output_dir(
     if latest is not None:
         from simmim.sharding import holds_shards  # torch's FSDP, imported only where a run resumes
 
-        if cfg.train.fsdp != holds_shards(latest):  # a resume launched otherwise than the run
-            saved_by = (
-                "a train.fsdp=true run (FSDP shards)" if holds_shards(latest) else "a run without train.fsdp"
-            )
+        sharded = holds_shards(latest)
+        if cfg.train.fsdp != sharded:  # a resume launched otherwise than the run
+            saved_by = "a train.fsdp=true run (FSDP shards)" if sharded else "a run without train.fsdp"
             raise ValueError(
                 f"{latest} was saved by {saved_by}, and this run has train.fsdp={str(cfg.train.fsdp).lower()}: "
                 "resume it as it was launched (FSDP: accelerate launch --config_file "
                 "recipes/accelerate/fsdp.yaml, or train.fsdp=true)"
             )
     if accelerator.is_main_process:
-        if path.is_file() and latest_checkpoint(out) is not None:
+        if path.is_file() and latest is not None:
             previous = _flatten(yaml.safe_load(path.read_text()) or {})
             current = _flatten(config_to_dict(cfg))
             changed = sorted(k for k in previous.keys() | current.keys() if previous.get(k) != current.get(k))

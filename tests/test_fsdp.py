@@ -252,9 +252,10 @@ def test_an_accelerate_fsdp_launch_is_read_as_train_fsdp():
     assert "ACCELERATE_USE_FSDP" not in env  # accelerate must not wrap the model itself
     # A setting away from its default wins, from either side.
     cfg = pretrain_config("train.activation_checkpointing=true", "train.fsdp_reshard_after_forward=false")
-    train = follow_launcher(cfg, dict(ACCELERATE_FSDP)).train
+    followed = follow_launcher(cfg, dict(ACCELERATE_FSDP))
+    train = followed.train
     assert train.fsdp and not train.fsdp_reshard_after_forward and train.activation_checkpointing
-    assert follow_launcher(cfg, dict(ACCELERATE_FSDP)).model == cfg.model  # the rest unchanged
+    assert followed.model == cfg.model  # the rest unchanged
 
 
 @pytest.mark.parametrize(
