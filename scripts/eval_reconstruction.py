@@ -82,6 +82,7 @@ def main() -> int:
         num_grid_images=args.num_images,
         bf16=args.bf16,
         num_workers=args.num_workers,
+        norm_target_window=run.loss.norm_target_window if run and run.loss.norm_target else None,
     )
     summary.update(
         checkpoint=str(args.checkpoint),

@@ -182,6 +182,24 @@ class MaskConfig:
     ratio: Float = Field(0.6, gt=0, lt=1)
 
 
+@dataclass(frozen=True, config=_STRICT_KEYS)
+class LossConfig:
+    """SimMIM's target: the masked pixels as they are, or normalised by their neighbourhood (NORM_TARGET)."""
+
+    norm_target: Bool = Field(
+        False,
+        description="predict each masked pixel normalised by the mean and std of the window around it "
+        "(microsoft/SimMIM's NORM_TARGET); evaluations still report the masked L1 in pixels",
+    )
+    norm_target_window: Int = Field(
+        47, gt=1, description="the window's side in pixels, odd (SimMIM: 47 at 192 px)"
+    )
+
+    def __post_init__(self) -> None:
+        w = self.norm_target_window
+        _check(w % 2 == 1, "norm_target_window", w, "be odd: the window is centred on its pixel")
+
+
 Beta = Annotated[Float, Field(ge=0, lt=1)]  # an AdamW beta, as a tuple element
 
 
@@ -342,6 +360,7 @@ class PretrainConfig:
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     mask: MaskConfig = Field(default_factory=MaskConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)

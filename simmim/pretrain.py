@@ -11,7 +11,7 @@ import torch
 from accelerate.utils import set_seed
 
 from simmim import sharding
-from simmim.config import PretrainConfig, new_deit
+from simmim.config import LossConfig, PretrainConfig, new_deit
 from simmim.data import (
     LabeledImageDataset,
     MaskedImageDataset,
@@ -23,6 +23,7 @@ from simmim.data.sources import open_split, random_subset
 from simmim.engine import evaluation_loader, make_accelerator, train
 from simmim.masking import MaskGenerator
 from simmim.models import DeiTForMaskedImageModeling
+from simmim.models.losses import masked_l1, norm_targets, patch_mask_to_pixels, targets_to_pixels
 from simmim.probe import OnlineProbe
 from simmim.run_log import RunLog
 from simmim.runs import export_model, prepare_output_dir
@@ -42,6 +43,30 @@ def mask_generator(cfg: PretrainConfig, mask_ratio: float | None = None) -> Mask
         model_patch_size=cfg.model.patch_size,
         mask_ratio=cfg.mask.ratio if mask_ratio is None else mask_ratio,
     )
+
+
+def simmim_loss(
+    loss: LossConfig,
+    pixel_values: torch.Tensor,
+    reconstruction: torch.Tensor,
+    bool_masked_pos: torch.Tensor,
+    patch_size: int,
+) -> torch.Tensor:
+    """The training loss: the masked L1 of the reconstruction against the pixels, or with loss.norm_target
+    against SimMIM's normalised target (`losses.norm_targets`). A scalar, summed over the batch's masked
+    pixels; `bool_masked_pos` is (B, N) over the model's patches of `patch_size` pixels."""
+    _, _, H, W = pixel_values.shape
+    mask = patch_mask_to_pixels(bool_masked_pos, patch_size, H, W)
+    target = norm_targets(pixel_values, loss.norm_target_window) if loss.norm_target else pixel_values
+    return masked_l1(target, reconstruction, mask, over_batch=True)
+
+
+def reconstruction_pixels(loss: LossConfig, pixel_values: torch.Tensor, reconstruction: torch.Tensor):
+    """The reconstruction in the (normalised) pixel space of `pixel_values`, to show and score: a
+    normalised-target prediction is mapped back with each image's own window statistics."""
+    if not loss.norm_target:
+        return reconstruction
+    return targets_to_pixels(reconstruction, pixel_values, loss.norm_target_window)
 
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
@@ -69,15 +94,22 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     )
 
     probe = online_probe(cfg) if cfg.train.probe_every_steps else None
+    p = cfg.model.patch_size
 
     def loss_fn(model, batch):
-        return model(pixel_values=batch["pixel_values"], bool_masked_pos=batch["bool_masked_pos"]).loss
+        x, m = batch["pixel_values"], batch["bool_masked_pos"]
+        out = model(pixel_values=x, bool_masked_pos=m)
+        # The model's own loss is Transformers' (raw pixels); the normalised target is computed here.
+        return simmim_loss(cfg.loss, x, out.reconstruction, m, p) if cfg.loss.norm_target else out.loss
 
     @torch.no_grad()
     def evaluate(model, step: int, log: RunLog) -> dict[str, float]:
-        """Masked L1 on (up to `train.eval_batches` batches of) the held-out split, and a grid of them."""
+        """Masked L1 on (up to `train.eval_batches` batches of) the held-out split, and a grid of them. With
+        loss.norm_target, masked_l1 is still in pixels (comparable with raw-target runs) and
+        masked_l1_target is the training loss's."""
         loader = evaluation_loader(val_set, cfg, accelerator, collate_pretrain)
-        total = torch.zeros(2, device=accelerator.device)  # (sum of per-batch loss * images, images)
+        # (sum of per-batch pixel loss * images, images, sum of per-batch target loss * images)
+        total = torch.zeros(3, device=accelerator.device)
         for i, batch in enumerate(loader):
             if cfg.train.eval_batches is not None and i == cfg.train.eval_batches:
                 break
@@ -89,14 +121,20 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
             )
             with accelerator.autocast():
                 out = model(pixel_values=x, bool_masked_pos=m)
+            pixels = reconstruction_pixels(cfg.loss, x, out.reconstruction)
+            n = float(x.shape[0])
             total += torch.stack(
-                (out.loss.float() * x.shape[0], torch.tensor(float(x.shape[0]), device=x.device))
+                (
+                    simmim_loss(LossConfig(), x, pixels, m, p) * n,
+                    torch.tensor(n, device=x.device),
+                    simmim_loss(cfg.loss, x, out.reconstruction, m, p) * n,
+                )
             )
             if i == 0 and accelerator.is_main_process:
                 n = min(GRID_IMAGES, x.shape[0])
                 grid = reconstruction_grid(
                     x[:n],
-                    out.reconstruction[:n],
+                    pixels[:n],
                     m[:n],
                     patch_size=cfg.model.patch_size,
                     mean=d.mean,
@@ -104,7 +142,11 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
                 )
                 log.image("eval/reconstructions", grid, step)
         total = accelerator.reduce(total, "sum")
-        return {"masked_l1": (total[0] / total[1].clamp(min=1)).item()}
+        images = total[1].clamp(min=1)
+        metrics = {"masked_l1": (total[0] / images).item()}
+        if cfg.loss.norm_target:
+            metrics["masked_l1_target"] = (total[2] / images).item()
+        return metrics
 
     return train(
         cfg,

@@ -25,6 +25,7 @@ from simmim.data import IMAGENET_MEAN, IMAGENET_STD, MaskedImageDataset, build_l
 from simmim.masking import MaskGenerator
 from simmim.metrics import mean_fill_baseline, reconstruction_metrics
 from simmim.models import DeiTConfig, DeiTForMaskedImageModeling, DeiTImageProcessor
+from simmim.models.losses import targets_to_pixels
 from simmim.runs import RUN_CONFIG, checkpoint_weights, read_export_config, read_run
 from simmim.visualize import reconstruction_grid
 
@@ -105,9 +106,15 @@ def evaluate_reconstruction(
     num_grid_images: int,
     bf16: bool = False,
     num_workers: int = 0,
+    norm_target_window: int | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], torch.Tensor | None]:
     """Returns (summary metrics with baselines, one row per image, grid or None). The grid shows
-    `num_grid_images` images drawn with `seed` from the whole split (`grid_indices`), in split order."""
+    `num_grid_images` images drawn with `seed` from the whole split (`grid_indices`), in split order.
+
+    `norm_target_window`: the model (a run with loss.norm_target) predicts SimMIM's normalised target; its
+    reconstructions, and the random-init model's, are mapped back to pixels with each image's window
+    statistics (`losses.targets_to_pixels`) before they are scored and shown, so that every metric stays in
+    the pixel space of the baselines."""
     device = accelerator.device
     model = model.to(device).eval()
     torch.manual_seed(seed)
@@ -141,6 +148,9 @@ def evaluate_reconstruction(
             random_recon = random_model(
                 x, bool_masked_pos=m, interpolate_pos_encoding=resize
             ).reconstruction.float()
+        if norm_target_window is not None:
+            recon = targets_to_pixels(recon, x, norm_target_window)
+            random_recon = targets_to_pixels(random_recon, x, norm_target_window)
         ours = reconstruction_metrics(x, recon, m, patch_size=p, mean=mean, std=std)
         fill = reconstruction_metrics(x, mean_fill_baseline(x, m, p), m, patch_size=p, mean=mean, std=std)
         rand = reconstruction_metrics(x, random_recon, m, patch_size=p, mean=mean, std=std)
@@ -166,6 +176,11 @@ def evaluate_reconstruction(
 
     summary: dict[str, Any] = {k: mean_of(k) for k in METRICS}
     summary["num_images"] = len(rows)
+    summary["reconstruction_space"] = (
+        "pixels" if norm_target_window is None
+        else f"pixels (normalised-target predictions mapped back with each image's {norm_target_window}-px "
+        "window statistics)"
+    )
     summary["num_skipped"] = skipped
     summary["baselines"] = {
         "mean_fill": {k: mean_of(f"mean_fill_{k}") for k in BASELINE_METRICS},

@@ -1,6 +1,6 @@
-"""The losses the DeiT heads compute: SimMIM's masked-pixel L1 (Xie et al., 2022), classification (hard or
-MixUp/CutMix soft targets, or regression) and DeiT distillation (Touvron et al., 2021, facebookresearch/deit
-``losses.DistillationLoss``).
+"""The losses the DeiT heads compute: SimMIM's masked-pixel L1 (Xie et al., 2022) and its normalised target,
+classification (hard or MixUp/CutMix soft targets, or regression) and DeiT distillation (Touvron et al., 2021,
+facebookresearch/deit ``losses.DistillationLoss``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,44 @@ def masked_l1(
     if over_batch:
         return l1.sum() / (mask_pixels.sum() + 1e-5) / C
     return l1.sum(dim=(1, 2, 3)) / (mask_pixels.sum(dim=(1, 2, 3)) + 1e-5) / C
+
+
+NORM_TARGET_EPS = 1e-6  # added to the window's variance before its square root, as microsoft/SimMIM
+
+
+def window_statistics(pixel_values: Tensor, window: int) -> tuple[Tensor, Tensor]:
+    """(mean, std) of each pixel's `window` x `window` neighbourhood, per channel, each (B, C, H, W).
+
+    microsoft/SimMIM's ``norm_targets``: the window is centred on the pixel (so `window` is odd) and cut by
+    the image border, where the mean is over the pixels inside (avg_pool2d with count_include_pad=False);
+    the variance is the unbiased one over those n pixels, (E[x^2] - E[x]^2) * n / (n - 1), clamped at 0;
+    std = sqrt(var + 1e-6). Computed in float32.
+    """
+    if window % 2 != 1 or window < 3:
+        raise ValueError(f"window={window}: expected an odd number of pixels >= 3")
+    x = pixel_values.float()
+    pool = dict(kernel_size=window, stride=1, padding=window // 2)
+    mean = F.avg_pool2d(x, count_include_pad=False, **pool)
+    mean_of_squares = F.avg_pool2d(x * x, count_include_pad=False, **pool)
+    # n, the pixels of each window inside the image: the same for every image and channel.
+    count = F.avg_pool2d(torch.ones_like(x[:1, :1]), count_include_pad=True, **pool) * window**2
+    var = ((mean_of_squares - mean * mean) * (count / (count - 1))).clamp(min=0)
+    return mean, (var + NORM_TARGET_EPS).sqrt()
+
+
+def norm_targets(pixel_values: Tensor, window: int) -> Tensor:
+    """SimMIM's normalised target (microsoft/SimMIM ``NORM_TARGET``): each pixel minus its window's mean,
+    divided by its window's std (`window_statistics`). (B, C, H, W) -> (B, C, H, W), float32."""
+    mean, std = window_statistics(pixel_values, window)
+    return (pixel_values.float() - mean) / std
+
+
+def targets_to_pixels(prediction: Tensor, pixel_values: Tensor, window: int) -> Tensor:
+    """The inverse of `norm_targets` for a prediction of the normalised target: prediction * std + mean, with
+    the window statistics of `pixel_values` (the whole image, masked pixels included), to show and score a
+    normalised-target model in the pixel space. (B, C, H, W), float32."""
+    mean, std = window_statistics(pixel_values, window)
+    return prediction.float() * std + mean
 
 
 def classification_loss(logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
