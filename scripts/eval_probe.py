@@ -1,4 +1,5 @@
-"""Probe a frozen encoder: kNN and linear top-1/top-5 on features of chosen blocks, against random init.
+"""Probe an encoder: kNN and linear top-1/top-5 on frozen features of chosen blocks, and a partial
+fine-tune of its last block, each against random init.
 
     python scripts/eval_probe.py --checkpoint runs/pt --data ../shared/data/imagenette --out runs/pt/probe
     python scripts/eval_probe.py --checkpoint deit_tiny.pth --data ../shared/data/cifar10 --layers 6 12 --pool cls \
@@ -6,10 +7,12 @@
 
 --checkpoint: a SimMIM run or export, a fine-tuned classifier, a Transformers DeiT directory or a timm file.
 The probes train on the train split's labels and report on the validation split (--holdout F: on a carve of
-F of the train split instead, so that nothing reads the validation split). Writes metrics.json (top-1/top-5
-per probe and layer, for the encoder and for a randomly initialised encoder of the same shape), probe.png
-(top-1 by layer) and the cached features (features/), so a second run with other probe settings costs
-seconds.
+F of the train split instead, so that nothing reads the validation split). Features are average-pooled
+patch tokens (no class token) of each block's output, the last block's after the final LayerNorm
+(simmim/probe.py says why). The partial probe trains the last block, the final LayerNorm and a linear head
+on cached tokens (MAE's partial fine-tuning with one block). Writes metrics.json (top-1/top-5 per probe and
+layer, for the encoder and for a randomly initialised encoder of the same shape), probe.png (top-1 by layer)
+and the cached features (features/), so a second run with other probe settings costs seconds.
 """
 
 import argparse
@@ -26,10 +29,12 @@ from simmim.data.sources import holdout_split, random_subset
 from simmim.models import DeiTModel
 from simmim.probe import (
     POOLS,
+    PROBES,
     cached_features,
     default_layers,
     extract_features,
     load_encoder,
+    partial_finetune_probe,
     plot_probe,
     probe_all,
 )
@@ -48,7 +53,7 @@ def main() -> int:
     parser.add_argument(
         "--pool", choices=POOLS, default="avg", help="average-pooled patch tokens or the class token"
     )
-    parser.add_argument("--probes", nargs="+", choices=("knn", "linear"), default=["knn", "linear"])
+    parser.add_argument("--probes", nargs="+", choices=PROBES, default=list(PROBES))
     parser.add_argument("--image-size", type=int, help="default: the encoder's")
     parser.add_argument("--num-heads", type=int, help="a timm file's attention heads (default: width / 64)")
     parser.add_argument(
@@ -59,6 +64,9 @@ def main() -> int:
     )
     parser.add_argument("--val-images", type=int, help="report on a seeded subset of this many images")
     parser.add_argument("--linear-epochs", type=int, default=100)
+    parser.add_argument(
+        "--partial-epochs", type=int, default=5, help="passes of the partial fine-tuning probe"
+    )
     parser.add_argument("--no-random-init", action="store_true", help="skip the random-init baseline")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-workers", type=int, default=2)
@@ -67,7 +75,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.holdout is not None and not 0 < args.holdout < 1:
         parser.error(f"--holdout {args.holdout}: expected a fraction in (0, 1)")
-    for name in ("train_images", "val_images", "batch_size", "linear_epochs", "image_size", "num_heads"):
+    for name in ("train_images", "val_images", "batch_size", "linear_epochs", "partial_epochs", "image_size",
+                 "num_heads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} {value}: expected a positive integer")
@@ -104,19 +113,23 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    def features(model, name: str, source, split: str):
+    def features(model, name: str, source, split: str, layers=layers, pool=args.pool):
         key = {
             "model": name, "data": str(Path(args.data).resolve()) if Path(args.data).exists() else args.data,
             "split": split, "holdout": args.holdout, "seed": args.seed, "mean": encoder.mean, "std": encoder.std,
-            "count": len(source), "layers": sorted(layers), "pool": args.pool, "image_size": image_size,
+            "count": len(source), "layers": sorted(layers), "pool": pool, "image_size": image_size,
             "bf16": args.bf16,
         }  # fmt: skip
         dataset = LabeledImageDataset(source, transform)
+        if pool == "tokens":  # every token of every image (N x 65 x 192 floats at 64 px): not kept on disk
+            return extract_features(
+                model, dataset, layers, pool, args.batch_size, args.num_workers, args.bf16, device
+            )
         return cached_features(
             out / "features",
             key,
             lambda: extract_features(
-                model, dataset, layers, args.pool, args.batch_size, args.num_workers, args.bf16, device
+                model, dataset, layers, pool, args.batch_size, args.num_workers, args.bf16, device
             ),
         )
 
@@ -138,11 +151,26 @@ def run(args: argparse.Namespace) -> int:
         "image_size": image_size, "holdout": args.holdout, "seed": args.seed,
         "train_images": len(train_source), "val_images": len(val_source), "num_classes": num_classes,
         "knn": {"k": 20, "temperature": 0.07}, "linear": {"epochs": args.linear_epochs},
+        "partial": {"epochs": args.partial_epochs, "block": config.num_hidden_layers},
     }  # fmt: skip
     for which, (model, name) in models.items():
-        train = features(model, name, train_source, "train")
-        val = features(model, name, val_source, "validation")
-        metrics[which] = probe_all(train, val, num_classes, args.probes, args.linear_epochs)
+        metrics[which] = {}
+        if {"knn", "linear"} & set(args.probes):
+            train = features(model, name, train_source, "train")
+            val = features(model, name, val_source, "validation")
+            metrics[which] = probe_all(train, val, num_classes, args.probes, args.linear_epochs)
+        if "partial" in args.probes:
+            # The tokens entering the last block (the output of the one before it), every token kept.
+            before_last = [config.num_hidden_layers - 1]
+            train_tokens, train_labels = features(model, name, train_source, "train", before_last, "tokens")
+            val_tokens, val_labels = features(model, name, val_source, "validation", before_last, "tokens")
+            last = before_last[0]
+            metrics[which]["partial"] = {
+                str(config.num_hidden_layers): partial_finetune_probe(
+                    train_tokens[last], train_labels, val_tokens[last], val_labels, model, num_classes,
+                    epochs=args.partial_epochs, seed=args.seed,
+                )  # fmt: skip
+            }
     metrics["seconds"] = round(time.time() - start, 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -5,6 +5,18 @@ Two probes on features of chosen blocks (average-pooled patch tokens, or the cla
   Caron et al. 2021, T = 0.07);
 - linear: a linear classifier behind BatchNorm without affine parameters (MAE's linear probe, He et al.
   2022), trained on the cached features with SGD.
+and a third that trains a little of the encoder:
+- partial: MAE's partial fine-tuning with one block (He et al. 2022, Fig. 9): the last block and the final
+  LayerNorm trained from the encoder's weights, with a new linear head on their average-pooled patch tokens;
+  the earlier blocks frozen, so the tokens entering the last block are computed once and cached.
+
+The protocol is the one the SimMIM authors describe (microsoft/SimMIM#14): average-pooled patch tokens, no
+class token, intermediate blocks as well as the last. An intermediate block's features are its output, the
+residual stream before any LayerNorm (the next block normalises its own input); the last block's are taken
+after the encoder's final LayerNorm, which SimMIM trains (the decoder reads its output), so it is no random
+normalisation that could hide the features (MAE's probe meets that problem with an untrained fc_norm,
+facebookresearch/mae#186). Pooling comes after that LayerNorm, as in fine-tuning. The linear probe's
+BatchNorm then standardises every feature, so that the scale of the residual stream does not matter.
 Features are computed once per (encoder, split) and cached; each probe then costs seconds.
 `scripts/eval_probe.py` is the command line; pretraining's online probe (`train.probe_every_steps`) uses
 `knn_classify` on a labelled split.
@@ -12,6 +24,7 @@ Features are computed once per (encoder, split) and cached; each probe then cost
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -34,6 +47,7 @@ from simmim.runs import export_dir_of
 KNN_K = 20
 KNN_TEMPERATURE = 0.07  # DINO's
 POOLS = ("avg", "cls")
+PROBES = ("knn", "linear", "partial")
 
 
 # ---------------------------------------------------------------------------------------------- encoders
@@ -133,7 +147,9 @@ def features_of(
     """{layer: (B, D) float32} for one batch of (B, C, H, W) images.
 
     Layer l is the output of block l (1-based); the last block's is taken after the encoder's final
-    LayerNorm, as the encoder outputs it. `avg` averages the patch tokens, `cls` takes the class token.
+    LayerNorm, as the encoder outputs it. `avg` averages the patch tokens, `cls` takes the class token;
+    `tokens` keeps every token of block l's output, before any LayerNorm ((B, prefix + N, D); layer 0 is
+    the embeddings), the input of block l + 1 for the partial fine-tuning probe.
     """
     depth = model.config.num_hidden_layers
     with torch.autocast(pixel_values.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -141,6 +157,9 @@ def features_of(
     prefix = model.num_prefix_tokens
     feats = {}
     for layer in layers:
+        if pool == "tokens":
+            feats[layer] = out.hidden_states[layer].float()
+            continue
         h = out.last_hidden_state if layer == depth else out.hidden_states[layer]  # (B, prefix + N, D)
         feats[layer] = (h[:, prefix:].mean(1) if pool == "avg" else h[:, 0]).float()  # (B, D)
     return feats
@@ -158,9 +177,10 @@ def extract_features(
     device: torch.device | str = "cpu",
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Features of every readable image of `dataset` (see `features_of`): ({layer: (N, D)}, (N,) labels)."""
-    if pool not in POOLS:
+    if pool not in (*POOLS, "tokens"):
         raise ValueError(f"pool={pool!r}, expected one of {POOLS}")
-    _check_layers(model, layers)
+    if pool != "tokens":
+        _check_layers(model, layers)
     model = model.to(device).eval()
     loader = build_loader(
         dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers, seed=0,
@@ -347,6 +367,65 @@ def _train_linear(
     return {"top1": top1, "top5": top5, "train_top1": train_top1}
 
 
+def partial_finetune_probe(
+    train_tokens: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_tokens: torch.Tensor,
+    val_labels: torch.Tensor,
+    encoder: DeiTModel,
+    num_classes: int,
+    epochs: int = 5,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 0.05,
+    seed: int = 0,
+) -> dict:
+    """MAE's partial fine-tuning with one block (He et al. 2022, Fig. 9), on cached tokens.
+
+    `train_tokens`/`val_tokens`: (N, prefix + P, D), the tokens entering the encoder's last block. A copy
+    of that block and of the final LayerNorm, from the encoder's weights, and a new linear head on the
+    average of the patch tokens (weights std 0.01, bias 0) are trained with AdamW (weight decay on matrices
+    only, as MAE), cosine lr, `epochs` passes of `batch_size`; drop path as the encoder's config says. There
+    is no augmentation: the cached tokens are of the evaluation transform, so this measures how far one
+    trainable block takes the frozen features, not a fine-tuning recipe. The encoder is left unchanged."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # drop path
+    block, norm = copy.deepcopy(encoder.layers[-1]), copy.deepcopy(encoder.layernorm)
+    head = nn.Linear(train_tokens.shape[-1], num_classes)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.01, generator=generator)
+        head.bias.zero_()
+    modules = nn.ModuleList([block, norm, head]).float().train()
+    decay = [p for p in modules.parameters() if p.ndim >= 2]
+    no_decay = [p for p in modules.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+    prefix = encoder.num_prefix_tokens
+
+    def logits_of(tokens: torch.Tensor) -> torch.Tensor:
+        x, _ = block(tokens, False)  # (B, prefix + P, D)
+        return head(norm(x)[:, prefix:].mean(1))  # (B, classes)
+
+    n = train_tokens.shape[0]
+    total, step = epochs * math.ceil(n / batch_size), 0
+    for _ in range(epochs):
+        for idx in torch.randperm(n, generator=generator).split(batch_size):
+            for g in optimizer.param_groups:
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            loss = F.cross_entropy(logits_of(train_tokens[idx]), train_labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+    modules.eval()
+    with torch.no_grad():
+        val_scores = torch.cat([logits_of(t) for t in val_tokens.split(batch_size)])
+        train_scores = torch.cat([logits_of(t) for t in train_tokens.split(batch_size)])
+    top1, top5 = _topk_hits(val_scores, val_labels, 5)
+    return {"top1": top1, "top5": top5, "train_top1": _topk_hits(train_scores, train_labels, 5)[0]}
+
+
 def probe_all(
     train: tuple[dict[int, torch.Tensor], torch.Tensor],
     val: tuple[dict[int, torch.Tensor], torch.Tensor],
@@ -354,10 +433,13 @@ def probe_all(
     probes: Sequence[str] = ("knn", "linear"),
     linear_epochs: int = 100,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """{probe: {layer: {top1, top5, ...}}} for every cached layer."""
+    """{probe: {layer: {top1, top5, ...}}} for every cached layer ("knn" and "linear"; the partial
+    fine-tuning probe needs tokens, see `partial_finetune_probe`)."""
     (tf, tl), (vf, vl) = train, val
     results: dict[str, dict[str, dict[str, float]]] = {}
     for probe in probes:
+        if probe == "partial":
+            continue
         results[probe] = {}
         for layer in sorted(tf):
             if probe == "knn":
@@ -376,7 +458,7 @@ def plot_probe(metrics: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for probe, colour in (("knn", "C0"), ("linear", "C1")):
+    for probe, colour in (("knn", "C0"), ("linear", "C1"), ("partial", "C2")):
         for which, style in (("encoder", "-"), ("random_init", "--")):
             r = metrics.get(which, {}).get(probe)
             if not r:
