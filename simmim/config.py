@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import re
 import sys
 import types
@@ -92,7 +93,12 @@ class DataConfig:
         1000, ge=0, description="streams: examples each loader worker shuffles among (0 = the shards' order)"
     )
     batch_size: Int = Field(64, gt=0, description="per device")
-    num_workers: Int = Field(4, ge=0)
+    num_workers: Int | None = Field(
+        None,
+        ge=0,
+        description="loader worker processes; None = the CPUs this process may use, shared among the "
+        "node's processes, at most 4",
+    )
     pin_memory: Bool = True
     mean: tuple[Float, Float, Float] = Field((0.485, 0.456, 0.406), description="ImageNet statistics")
     std: tuple[Scale, Scale, Scale] = (0.229, 0.224, 0.225)
@@ -119,6 +125,23 @@ class DataConfig:
         v = self.val_fraction
         _check(not self.holdout_from_train or 0 < v < 1, "val_fraction", v,
                "be in (0, 1) with data.holdout_from_train=true (the share of train held out)")  # fmt: skip
+        if self.num_workers is None:  # resolved once, so that the saved config.yaml says what ran
+            object.__setattr__(self, "num_workers", default_num_workers())
+
+
+MAX_DEFAULT_WORKERS = 4
+
+
+def default_num_workers() -> int:
+    """Loader workers for `data.num_workers=None`: the CPUs this process may use, divided among the node's
+    processes (LOCAL_WORLD_SIZE, set by accelerate launch and torchrun), at most 4. On a 2-core machine that
+    is 2, which torch's DataLoader accepts without its warning about more workers than CPUs."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return min(MAX_DEFAULT_WORKERS, max(1, cpus // local_processes))
 
 
 @dataclass(frozen=True, config=_STRICT_KEYS)
@@ -252,7 +275,11 @@ class TrainConfig:
     eval_every_epochs: Int | None = Field(
         None, gt=0, description="fine-tuning without train.eval_every_steps: None = every epoch"
     )
-    compile: Bool = False
+    compile: Bool | Literal["auto"] = Field(
+        "auto",
+        description='torch.compile the model; "auto" = where it was measured to win and the run repays it '
+        "(bf16 on a CPU, 1,000 steps or more; see simmim/compilation.py)",
+    )
     fsdp: Bool = Field(
         False,
         description="shard parameters, gradients and AdamW state across processes (FSDP2, one unit per "

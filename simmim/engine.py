@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from simmim import sharding
 from simmim.checkpoints import CheckpointManager, own_file_name
+from simmim.compilation import choose_compile, keep_cache_with_run
 from simmim.config import DataConfig, OptimConfig, TrainConfig
 from simmim.data import BadImageError, build_loader, check_bad_fraction
 from simmim.optim import ModelEma, lr_at, param_groups, scaled_lr, set_lr
@@ -240,6 +241,7 @@ class LossMeter:
         # The first step whose loss was not finite, -1 while none was: checked at each log, eval and save.
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.micro_batches = self.images = self.skipped = 0
+        self.data_wait = 0.0  # seconds the loop waited for the loader in this window
         self.start = time.perf_counter()
 
     def add(self, loss: torch.Tensor, images: int, step: int) -> None:
@@ -263,15 +265,20 @@ class LossMeter:
                 "Lower optim.base_lr or enable optim.clip_grad."
             )
 
-    def close_window(self, acc: Accelerator) -> tuple[int, int, float, float]:
-        """(images, skipped images, mean loss, seconds) of the window over all processes; starts a new one."""
+    def close_window(self, acc: Accelerator) -> tuple[int, int, float, float, float]:
+        """(images, skipped images, mean loss, seconds, seconds waiting for the loader) of the window over all
+        processes (the wait: the slowest process's); starts a new one."""
         seen = acc.reduce(torch.tensor([self.images, self.skipped], device=self.device), "sum")
         mean_loss = acc.reduce(self.loss_sum, "mean").item() / max(self.micro_batches, 1)
+        wait = self.data_wait
+        if acc.num_processes > 1:
+            wait = acc.reduce(torch.tensor(wait, device=self.device), "max").item()
         seconds = time.perf_counter() - self.start
         self.loss_sum.zero_()
         self.micro_batches = self.images = self.skipped = 0
+        self.data_wait = 0.0
         self.start = time.perf_counter()
-        return int(seen[0]), int(seen[1]), mean_loss, seconds
+        return int(seen[0]), int(seen[1]), mean_loss, seconds, wait
 
 
 @dataclass
@@ -288,6 +295,7 @@ class TrainState:
     counters: Counters = field(default_factory=Counters)
     stream_position: dict[str, Any] | None = None  # a stream: this process's loader state at `step`
     unsharded: sharding.Unsharded | None = None  # train.fsdp: the model is sharded, and this gathers it
+    compiled: tuple[bool, str] = (False, "")  # whether the model was compiled, and why
 
     @classmethod
     def start(cls, cfg: Any, model: nn.Module, acc: Accelerator, num_samples: int | None) -> TrainState:
@@ -312,7 +320,11 @@ class TrainState:
             eps=cfg.optim.eps,
             fused=True if acc.device.type == "cuda" else None,
         )
-        if cfg.train.compile:
+        compiled = choose_compile(
+            cfg.train.compile, acc.mixed_precision, acc.device.type, schedule.total_steps
+        )
+        if compiled[0]:
+            keep_cache_with_run(cfg.output_dir)  # a resume reuses the kernels compiled before
             model.compile()  # in place: parameter names (and so checkpoints) stay unchanged
         if unsharded is None:
             model, optimizer = acc.prepare(model, optimizer)
@@ -322,7 +334,7 @@ class TrainState:
         elif cfg.train.ema:
             ema = ModelEma(cfg.train.ema, acc.unwrap_model(model))
         checkpoints = CheckpointManager(cfg.output_dir, acc, cfg.train.keep_last)
-        state = cls(schedule, model, optimizer, ema, checkpoints, unsharded=unsharded)
+        state = cls(schedule, model, optimizer, ema, checkpoints, unsharded=unsharded, compiled=compiled)
         latest = state.checkpoints.latest()
         if latest is not None:
             saved, path = state.checkpoints.load(latest)
@@ -497,7 +509,9 @@ def train_step(
     model, optimizer, accum = state.model, state.optimizer, optim.grad_accum_steps
     set_lr(optimizer, state.schedule.lr(state.step))
     for micro in range(accum):
+        waited_from = time.perf_counter()
         batch, readable, skipped = batches.next()
+        meter.data_wait += time.perf_counter() - waited_from
         weight = 1.0 / accum if readable else 0.0
         meter.skipped += skipped
         # Under DDP gradients are all-reduced only on the last micro-batch of the step; under train.fsdp
@@ -675,6 +689,9 @@ def log_run_header(log: RunLog, state: TrainState, acc: Accelerator, precision: 
     why = choose_precision(precision)[1]
     log.write(state.step, {"mixed_precision": acc.mixed_precision, "why": why}, kind="precision")
     acc.print(f"autocast: {'fp32 (none)' if acc.mixed_precision == 'no' else acc.mixed_precision}, as {why}")
+    compiled, why = state.compiled
+    log.write(state.step, {"compiled": compiled, "why": why}, kind="compile")
+    acc.print(f"torch.compile: {'on' if compiled else 'off'}, as {why}")
 
 
 @contextmanager
@@ -690,13 +707,17 @@ def bugs_keep_their_traceback(state: TrainState):
 
 def close_window(meter: LossMeter, state: TrainState, acc: Accelerator, data: DataConfig) -> dict[str, float]:
     """Fold the logging window into the counters (every process); returns the values of its log line."""
-    images, skipped, mean_loss, seconds = meter.close_window(acc)
+    images, skipped, mean_loss, seconds, wait = meter.close_window(acc)
     state.count(images, skipped, data.max_bad_fraction)
     schedule = state.schedule
     return {
         "loss": mean_loss,
         "lr": schedule.lr(state.step - 1),
         "img_per_s": images / seconds,
+        # The share of the window's wall time the loop waited for the next batch: above a few percent,
+        # the loader (data.num_workers, decoding) limits the run, not the model.
+        "data_wait_s": wait,
+        "data_wait_fraction": wait / seconds,
         **({} if schedule.is_stream else {"epoch": schedule.epoch(state.step)}),
         "images_skipped": state.counters.images_skipped,
     }

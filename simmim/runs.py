@@ -49,6 +49,7 @@ RUN_CONFIG = "config.yaml"
 RUN_INFO = "run.json"
 EXPORT_DIR = "export"
 SNAPSHOTS_DIR = "snapshots"
+COMPILE_CACHE_DIR = "compile_cache"  # inductor's cache, when the run compiles (simmim.compilation)
 METRICS_FILE = "metrics.json"
 EXPORT_CONFIG = "simmim_config.yaml"  # the resolved run config, embedded in every export
 # The fine-tuning head -> the DeiT class that carries it (model.head=cnn is a torchvision model).

@@ -82,7 +82,8 @@ def test_the_loss_is_the_masked_l1_against_the_normalised_target_and_evaluation_
 
 def test_pretraining_and_its_evaluation_with_the_normalised_target(tmp_path):
     """4 steps with loss.norm_target=true: the periodic evaluation reports the masked L1 in pixels and in the
-    target space, and eval_reconstruction.py maps the predictions back to pixels and says so."""
+    target space, and eval_reconstruction.py maps the predictions back to pixels and says so. (The same run
+    checks the log's loader-wait entries and the compile record.)"""
     out = tmp_path / "norm"
     args = [f"output_dir={out}", *tiny_data(synthetic_size=64), *TINY_MODEL, "mask.patch_size=16",
             "train.epochs=1", "train.eval_batches=1", "loss.norm_target=true", "loss.norm_target_window=7"]  # fmt: skip
@@ -90,6 +91,11 @@ def test_pretraining_and_its_evaluation_with_the_normalised_target(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     evaluation = [r for r in records if r["kind"] == "eval"][-1]
+    # Every log window says how long the loop waited for the loader; the header says why it did not compile.
+    for record in (r for r in records if r["kind"] == "train"):
+        assert 0 <= record["data_wait_s"] and 0 <= record["data_wait_fraction"] <= 1
+    compile_record = next(r for r in records if r["kind"] == "compile")
+    assert compile_record["compiled"] is False and "fp32 on a CPU" in compile_record["why"]
     assert evaluation["masked_l1"] > 0 and evaluation["masked_l1_target"] > 0
     assert evaluation["masked_l1"] != evaluation["masked_l1_target"]
     result = run(

@@ -1,0 +1,54 @@
+"""Whether a run compiles its model (`train.compile`), and why; inductor's cache kept with the run.
+
+"auto", the default, compiles only where torch.compile was measured to win and the run is long enough to
+repay the compile (docs/performance.md):
+- a CPU under bf16 autocast (avx512_bf16 or AMX): 1.17x and 1.20x the eager step (DeiT-Ti/16 on an AMD EPYC
+  with avx512_bf16), where non-matmul operators, which inductor fuses, were about 40% of the step; the cold
+  compile took 58 s. At the study model's bf16 step (about 0.4 s) a 15% saving repays 58 s after about 1,000
+  steps, hence COMPILE_MIN_STEPS. (AMX was not measured: its faster matmuls leave the fused operators a
+  larger share, so it follows the same rule.)
+- not in fp32 on a CPU: 0.97x (default mode) and 1.00x (max-autotune) on an AVX2-only AMD EPYC, for a compile
+  of about two minutes.
+- not on CUDA yet: benchmarks/gpu.sh measures it and has not run on a GPU; train.compile=true compiles there.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from simmim.runs import COMPILE_CACHE_DIR
+
+COMPILE_MIN_STEPS = 1000
+CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def choose_compile(
+    setting: bool | str, mixed_precision: str, device_type: str, total_steps: int
+) -> tuple[bool, str]:
+    """`train.compile` -> (whether to compile, why), for a run of `total_steps` optimizer steps under
+    accelerate's `mixed_precision` ("no", "bf16", "fp16") on a `device_type` device."""
+    if isinstance(setting, bool):
+        return setting, f"train.compile={str(setting).lower()}"
+    if setting != "auto":
+        raise ValueError(f'train.compile={setting!r}: expected true, false or "auto"')
+    if device_type != "cpu":
+        return False, (
+            f"train.compile=auto: not yet measured on {device_type} (benchmarks/gpu.sh measures it); "
+            "train.compile=true compiles"
+        )
+    if mixed_precision != "bf16":
+        return False, "train.compile=auto: fp32 on a CPU, where compiling was measured at 0.97-1.00x"
+    if total_steps < COMPILE_MIN_STEPS:
+        return False, (
+            f"train.compile=auto: {total_steps} steps, fewer than the {COMPILE_MIN_STEPS} that repay a "
+            "compile (about 60 s cold) at the 1.17-1.20x it gives in bf16 on a CPU"
+        )
+    return True, f"train.compile=auto: bf16 on a CPU, measured 1.17-1.20x, over {total_steps} steps"
+
+
+def keep_cache_with_run(output_dir: str | Path) -> Path:
+    """Point inductor's cache (compiled kernels, FX graphs) at `output_dir/compile_cache` unless the user
+    chose one, so that a resumed run finds the kernels its first attempt compiled. Returns the directory."""
+    os.environ.setdefault(CACHE_ENV, str(Path(output_dir).resolve() / COMPILE_CACHE_DIR))
+    return Path(os.environ[CACHE_ENV])
