@@ -37,7 +37,7 @@ from contextlib import nullcontext
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from train_step import deit_tiny, fixed_mask
+from train_step import deit_tiny, fixed_mask, matmul_rate
 
 from simmim.models import DeiTForMaskedImageModeling
 
@@ -51,19 +51,6 @@ KINDS = {
     "LayerNorm": ("aten::native_layer_norm", "aten::native_layer_norm_backward"),
 }
 KIND_OF = {op: kind for kind, ops in KINDS.items() for op in ops}
-
-
-def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, rounds: int = 30) -> float:
-    """GFLOP/s of an (m, k) @ (k, n) matmul on its own, median of `rounds`."""
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * m * k * n / statistics.median(times) / 1e9
 
 
 def main() -> None:

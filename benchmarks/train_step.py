@@ -1,8 +1,13 @@
 """Speed of one SimMIM training step (forward + backward + AdamW) of simmim's DeiTForMaskedImageModeling
-against Transformers' (default attention: sdpa), DeiT-Ti/16 at 224 px, timed in one process, interleaved.
+against Transformers' (default attention: sdpa), DeiT-Ti/16 at 224 px, timed in one process, interleaved;
+then the CPU study's own model (6 blocks 192 wide, 64 px, patch 8, batch 64) in fp32 and bf16, eager and
+compiled. For each, the step's matmul work (torch's FLOP counter: matmuls, attention and convolutions)
+per second of the whole step, against this CPU's matmul ceiling (the step's largest matmul shape on its
+own, in the step's precision); the CPU's model name and its AVX-512, bf16 and AMX flags are printed first.
 
     python benchmarks/train_step.py                       # cuda if available, else cpu
     python benchmarks/train_step.py --device cpu --threads 2 --steps 20 --warmup 2
+    python benchmarks/train_step.py --device cpu --threads 2 --steps 10 --study-model --compile
 
 Both models start from the same weights (ours written with save_pretrained, read by Transformers) and see
 the same images and the same mask (60% of the 14x14 patches of each image). Each round runs every variant
@@ -29,8 +34,12 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from simmim.models import DeiTConfig, DeiTForMaskedImageModeling
+from simmim.precision import cpu_flags
+
+MATMUL_CEILING_TARGET = 0.85  # the step's matmul work rate as a share of the CPU's matmul ceiling
 
 # (name, is ours, autocast dtype)
 VARIANTS = [
@@ -57,6 +66,64 @@ def deit_tiny(image_size: int) -> DeiTConfig:
         patch_size=16,
         encoder_stride=16,
     )
+
+
+def study_model() -> DeiTConfig:
+    """recipes/study/imagenette_cpu_pretrain.yaml's model: DeiT-Tiny width, 6 blocks, 64 px, patch 8."""
+    return DeiTConfig(
+        hidden_size=192,
+        num_hidden_layers=6,
+        num_attention_heads=3,
+        intermediate_size=768,
+        image_size=64,
+        patch_size=8,
+        encoder_stride=8,
+    )
+
+
+def describe_cpu() -> str:
+    """The CPU's model name and the flags that decide its fast precisions."""
+    name = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    flags = cpu_flags()
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return f"{name}; flags: " + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in wanted)
+
+
+def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, rounds: int = 30) -> float:
+    """GFLOP/s of an (m, k) @ (k, n) matmul on its own, median of `rounds`."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * m * k * n / statistics.median(times) / 1e9
+
+
+def step_flops(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor) -> float:
+    """FLOPs of one forward + backward as torch's FLOP counter counts them (matmuls, attention, convolutions:
+    the operators with matmul work; elementwise operators count 0)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(pixel_values=x, bool_masked_pos=mask).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def matmul_ceiling(config: DeiTConfig, batch_size: int, dtype: torch.dtype | None) -> float:
+    """This CPU's matmul ceiling for the step: the rate of its largest shape (tokens x D @ D x 4D) alone."""
+    h, w = config.grid_size
+    tokens, d = batch_size * (h * w + 1), config.hidden_size
+    return matmul_rate(tokens, d, config.intermediate_size, dtype or torch.float32)
 
 
 def fixed_mask(batch_size: int, num_patches: int, ratio: float, seed: int = 0) -> torch.Tensor:
@@ -106,13 +173,29 @@ def main() -> None:
     )
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument(
+        "--study-model", action="store_true", help="also time the CPU study's model (eager; --compile too)"
+    )
+    parser.add_argument("--study-batch-size", type=int, default=64)
+    parser.add_argument("--compile", action="store_true", help="with --study-model: compiled rows as well")
+    parser.add_argument("--skip-peer", action="store_true", help="only the study model (no Transformers)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    if args.device == "cpu":
+        print(describe_cpu())
+    if not args.skip_peer:
+        compare_with_transformers(args)
+    if args.study_model:
+        time_study_model(args)
+
+
+def compare_with_transformers(args: argparse.Namespace) -> None:
+    """DeiT-Ti/16: simmim against Transformers, fp32 and bf16, interleaved."""
     import transformers  # a peer for this benchmark, not a dependency of simmim
 
     cpu = args.device == "cpu"
     steps = args.steps if args.steps is not None else (20 if cpu else 50)
     warmup = args.warmup if args.warmup is not None else (2 if cpu else 5)
-    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     torch.manual_seed(0)
 
     config = deit_tiny(args.image_size)
@@ -169,6 +252,70 @@ def main() -> None:
         ratio = img_per_s[num] / img_per_s[den]
         verdict = "ok" if ratio >= target else "MISSED"
         print(f"{label:<34}{ratio:>8.2f}{f'>= {target:.1f}':>8}  {verdict}")
+    if cpu:
+        flops = step_flops(ours, x, mask)
+        print()
+        for name, is_ours, dtype in VARIANTS:
+            if is_ours:
+                rate = flops / statistics.median(times[name]) / 1e9
+                print_matmul_share(name, rate, matmul_ceiling(config, args.batch_size, dtype))
+
+
+def print_matmul_share(name: str, rate: float, ceiling: float) -> None:
+    share = rate / ceiling
+    verdict = "ok" if share >= MATMUL_CEILING_TARGET else "MISSED"
+    print(
+        f"{name}: matmul work {rate:.0f} GFLOP/s over the whole step, ceiling {ceiling:.0f} GFLOP/s: "
+        f"{share:.0%} (target >= {MATMUL_CEILING_TARGET:.0%}: {verdict})"
+    )
+
+
+def time_study_model(args: argparse.Namespace) -> None:
+    """The CPU study's model, simmim only: fp32 and bf16, eager and (with --compile) compiled, interleaved."""
+    steps = args.steps if args.steps is not None else 20
+    warmup = args.warmup if args.warmup is not None else 2
+    config, batch = study_model(), args.study_batch_size
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 64, 64, device=args.device)
+    h, w = config.grid_size
+    mask = fixed_mask(batch, h * w, 0.6).to(args.device)
+    flops = step_flops(DeiTForMaskedImageModeling(config).to(args.device), x, mask)
+    steps_of, compile_seconds = {}, {}
+    precisions = [("fp32", None), ("bf16", torch.bfloat16)]
+    if args.device == "cpu" and not {"avx512_bf16", "amx_bf16"} & cpu_flags():
+        precisions = precisions[:1]
+        print("\nno bf16 rows for the study's model: this CPU has neither avx512_bf16 nor AMX (bf16 is emulated)")
+    for compiled in (False, True) if args.compile else (False,):
+        for label, dtype in precisions:
+            torch.manual_seed(0)
+            model = DeiTForMaskedImageModeling(config).to(args.device).train()
+            if compiled:
+                model.compile()
+            name = f"{label}{' compiled' if compiled else ''}"
+            steps_of[name] = make_step(model, x, mask, dtype, args.device)
+            if compiled:  # the first step compiles: timed on its own
+                compile_seconds[name] = steps_of[name]()
+    times: dict[str, list[float]] = {name: [] for name in steps_of}
+    for round_index in range(warmup + steps):
+        for name, step in steps_of.items():
+            seconds = step()
+            if round_index >= warmup:
+                times[name].append(seconds)
+    print(
+        f"\nThe CPU study's model (6 blocks, 192 wide, 64 px, patch 8), batch {batch}: "
+        f"{flops / batch / 1e9:.3f} GFLOP per image; {warmup} warm-up + {steps} timed rounds"
+    )
+    print(f"{'variant':<16}{'median s/step':>15}{'min s/step':>12}{'img/s':>9}{'vs eager':>10}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        eager = statistics.median(times[name.split()[0]])
+        print(f"{name:<16}{median:>15.4f}{min(values):>12.4f}{batch / median:>9.1f}{eager / median:>9.2f}x")
+    for name, seconds in compile_seconds.items():
+        print(f"{name}: the first step (compiling) took {seconds:.0f} s")
+    for name, values in times.items():
+        dtype = torch.bfloat16 if name.startswith("bf16") else None
+        rate = flops / statistics.median(values) / 1e9
+        print_matmul_share(name, rate, matmul_ceiling(config, batch, dtype))
 
 
 if __name__ == "__main__":

@@ -64,3 +64,18 @@ def test_the_step_profile_runs_and_accounts_for_the_matmuls():
     gflop = float(matmuls.split()[1])
     assert abs(gflop / (3 * 12 * 884_736 / 1e9) - 1) < 1e-3, matmuls
     assert "if everything but the matmuls were free" in result.stdout
+
+
+def test_the_study_model_step_reports_its_matmul_share_of_the_ceiling():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--device", "cpu", "--threads", "1",
+         "--skip-peer", "--study-model", "--steps", "1", "--warmup", "0", "--study-batch-size", "2"],
+        env=script_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "flags: avx2" in result.stdout.splitlines()[0]
+    # 6 blocks of 65 tokens: the linears' 884,736 FLOP per token forward, x3 with the backward, plus the
+    # attention and the convolutions: 1.04-1.1 GFLOP per image.
+    per_image = float(result.stdout.split("GFLOP per image")[0].split()[-1])
+    assert 3 * 6 * 65 * 884_736 / 1e9 < per_image < 1.1, result.stdout
+    assert "fp32: matmul work" in result.stdout and "ceiling" in result.stdout
