@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from simmim.cli import run_main
-from simmim.runs import export_run
+from simmim.exports import export_run
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(

@@ -10,8 +10,8 @@ Settings: dataclass defaults (`simmim/config.py`), then the recipe, then `key.su
 
 import sys
 
-from simmim.cli import run_main
-from simmim.config import FinetuneConfig, parse_cli
+from simmim.cli import parse_cli, run_main
+from simmim.config import FinetuneConfig
 from simmim.finetune import run
 
 

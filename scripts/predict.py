@@ -17,7 +17,7 @@ import torch
 from simmim.cli import run_main
 from simmim.data import decode_image
 from simmim.data.decoding import IMAGE_EXTENSIONS
-from simmim.finetune import load_classifier, logits_of
+from simmim.exports import logits_of, open_classifier
 
 
 def main() -> int:
@@ -39,7 +39,8 @@ def main() -> int:
             files.append(item)
         else:
             parser.error(f"{item} does not exist")
-    model, processor, id2label = load_classifier(args.model)
+    opened = open_classifier(args.model)
+    model, processor, id2label = opened.model, opened.processor, opened.id2label
     k = min(args.top_k, len(id2label))
     for start in range(0, len(files), args.batch_size):
         chunk = [(f, decode_image(f, str(f))) for f in files[start : start + args.batch_size]]

@@ -9,8 +9,8 @@ Settings: dataclass defaults (`simmim/config.py`), then the recipe, then `key.su
 
 import sys
 
-from simmim.cli import run_main
-from simmim.config import PretrainConfig, parse_cli
+from simmim.cli import parse_cli, run_main
+from simmim.config import PretrainConfig
 from simmim.pretrain import run
 
 

@@ -1,6 +1,6 @@
 """Training-state checkpoints: accelerate's `save_state` written atomically, the last N kept, resume from the newest.
 
-Layout of `output_dir/checkpoints/`:
+Layout of `output_dir/checkpoints/` (the names: `simmim.rundir`):
     index.json            {"latest": "step_00000100", "checkpoints": [... oldest first]}, replaced atomically
     step_00000100/        accelerate's state (model.safetensors, optimizer.bin, random_states_*.pkl, ...)
                           + trainer_state.json (step, counters) + extra safetensors files (EMA weights)
@@ -22,9 +22,20 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-TRAINER_STATE = "trainer_state.json"
+from simmim.rundir import (
+    ACCELERATE_WEIGHTS,
+    CHECKPOINT_INDEX,
+    CHECKPOINTS_DIR,
+    MODEL_SHARD,
+    TRAINER_STATE,
+    checkpoint_name,
+    latest_checkpoint,
+    own_file_name,
+    read_index,
+)
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -33,36 +44,17 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def own_file_name(name: str, process_index: int) -> str:
-    """A process's own file in a checkpoint: "stream_position.json" -> "stream_position_1.json"."""
-    stem, suffix = os.path.splitext(name)
-    return f"{stem}_{process_index}{suffix}"
-
-
-def read_index(output_dir: str | Path) -> dict[str, Any]:
-    index_file = Path(output_dir) / "checkpoints" / "index.json"
-    if not index_file.is_file():
-        return {"latest": None, "checkpoints": []}
-    return json.loads(index_file.read_text())
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run directory, or None."""
-    name = read_index(output_dir)["latest"]
-    return Path(output_dir) / "checkpoints" / name if name else None
-
-
 class CheckpointManager:
     def __init__(self, output_dir: str | Path, accelerator: Accelerator, keep_last: int = 2) -> None:
         if keep_last < 1:
             raise ValueError(f"train.keep_last must be >= 1, got {keep_last}")
-        self.dir = Path(output_dir) / "checkpoints"
+        self.dir = Path(output_dir) / CHECKPOINTS_DIR
         self.accelerator = accelerator
         self.keep_last = keep_last
 
     @property
     def index_file(self) -> Path:
-        return self.dir / "index.json"
+        return self.dir / CHECKPOINT_INDEX
 
     def index(self) -> dict[str, Any]:
         return read_index(self.dir.parent)
@@ -82,7 +74,7 @@ class CheckpointManager:
         JSON files, by name (saved as `own_file_name(name, process_index)`); `write_shards(directory)`
         writes this process's shards of a sharded model and optimizer (`simmim.sharding.save`)."""
         acc = self.accelerator
-        name = f"step_{step:08d}"
+        name = checkpoint_name(step)
         final, tmp = self.dir / name, self.dir / f".tmp-{name}"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -130,3 +122,25 @@ class CheckpointManager:
     @staticmethod
     def load_tensors(path: Path, file: str) -> dict[str, torch.Tensor]:
         return load_file(str(path / file))
+
+
+def join_shards(directory: Path) -> dict[str, torch.Tensor] | None:
+    """The whole model of a checkpoint that `save` wrote (its shards joined along dim 0, in rank order,
+    as FSDP2 splits them), or None if `directory` holds no shards: what `scripts/export.py` and the
+    reconstruction evaluation read from a checkpoint of a train.fsdp run, in one process."""
+    files = sorted(directory.glob(MODEL_SHARD.format(rank="*")), key=lambda f: int(f.stem.rsplit("_", 1)[1]))
+    if not files:
+        return None
+    with safe_open(str(files[0]), "pt") as f:
+        sharded = set(json.loads((f.metadata() or {}).get("sharded", "[]")))
+    shards = [load_file(str(f)) for f in files]
+    return {
+        name: torch.cat([s[name] for s in shards]) if name in sharded else t for name, t in shards[0].items()
+    }
+
+
+def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The model's weights in a training checkpoint: accelerate's `model.safetensors`, or a train.fsdp
+    run's shards joined (`join_shards`)."""
+    joined = join_shards(checkpoint)
+    return joined if joined is not None else load_file(str(checkpoint / ACCELERATE_WEIGHTS))

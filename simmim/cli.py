@@ -1,4 +1,5 @@
-"""How the scripts end when something goes wrong: one line on stderr, no traceback.
+"""The command line: `[--recipe PATH] key.sub=value ...` into a validated config, `--help` listing every key,
+and how the scripts end when something goes wrong: one line on stderr, no traceback.
 
 - A mistake in what was asked (a bad config value, a missing path, an unreadable recipe or checkpoint)
   prints `error: <message>` and exits with code 2, before any work.
@@ -10,16 +11,21 @@ With SIMMIM_DEBUG=1 the exception propagates with its traceback.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
+from simmim.config import load_config
+from simmim.config_fields import bounds, type_name
 from simmim.data.decoding import BadImageError
-from simmim.engine import NonFiniteLossError
+from simmim.errors import NonFiniteLossError
 
+T = TypeVar("T")
 USAGE_ERRORS = (ValueError, OSError, yaml.YAMLError)  # OSError: missing, unreadable or misplaced files
 RUN_ERRORS = (NonFiniteLossError, BadImageError)
 
@@ -46,3 +52,41 @@ def run_main(main: Callable[[], Any]) -> int:
         print(error_line(e), file=sys.stderr)
         return 1 if isinstance(e, RUN_ERRORS) else 2
     return 0 if code is None else int(code)
+
+
+def config_help(cls: type, prefix: str = "", base: Any = None) -> str:
+    """Every key of ``cls`` with its type, default, help and range, sections headed by their docstring."""
+    lines = []
+    for name, info in cls.__pydantic_fields__.items():
+        if dataclasses.is_dataclass(info.annotation):
+            section = info.get_default(call_default_factory=True)
+            lines += ["", f"{prefix}{name}: {(info.annotation.__doc__ or '').strip()}"]
+            lines.append(config_help(info.annotation, f"{prefix}{name}.", section))
+            continue
+        value = getattr(base, name) if base is not None else info.default
+        default = "(required)" if info.is_required() else f"= {json.dumps(value)}"
+        notes = "; ".join(filter(None, [info.description, bounds(info)]))
+        line = f"  {prefix}{name}: {type_name(info.annotation)} {default}"
+        lines.append(f"{line}  # {notes}" if notes else line)
+    return "\n".join(lines)
+
+
+def parse_cli(cls: type[T], argv: list[str]) -> T:
+    """``[--recipe PATH] key.sub=value ...`` -> validated config; ``--help`` prints every key and exits 0."""
+    recipe, overrides = None, []
+    args = iter(argv)
+    for arg in args:
+        if arg in ("-h", "--help"):
+            print(f"usage: [--recipe PATH] key.sub=value ...\n\n{cls.__doc__.strip()}\n{config_help(cls)}")
+            sys.exit(0)
+        elif arg == "--recipe":
+            recipe = next(args, None)
+            if recipe is None:
+                raise ValueError("--recipe: expected a path")
+        elif arg.startswith("--recipe="):
+            recipe = arg.partition("=")[2]
+        elif arg.startswith("-"):
+            raise ValueError(f"unknown option {arg!r}: usage is [--recipe PATH] key.sub=value ...")
+        else:
+            overrides.append(arg)
+    return load_config(cls, recipe, overrides)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from simmim.runs import COMPILE_CACHE_DIR
+from simmim.rundir import COMPILE_CACHE_DIR
 
 COMPILE_MIN_STEPS = 1000
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"

@@ -10,22 +10,17 @@ Configs are frozen: derived values (scaled lr, global batch, steps per epoch) ar
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
 import os
 import re
-import sys
-import types
-import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
-from pydantic.fields import FieldInfo
 
+from simmim.config_fields import field_at, one_line_error, type_name
 from simmim.models import DeiTConfig
 
 T = TypeVar("T")
@@ -488,103 +483,6 @@ def deit_config(model: ModelConfig, **config_kwargs: Any) -> DeiTConfig:
     return DeiTConfig(**deit_config_kwargs(model), **config_kwargs)
 
 
-def new_deit(cls: type, model: ModelConfig, **config_kwargs: Any):
-    """A freshly initialised DeiT model class `cls` (a `simmim.models` class) of the `model` section, with
-    the position embeddings it asks for (`position_embedding_init`); `config_kwargs` go to DeiTConfig."""
-    net = cls(deit_config(model, **config_kwargs))
-    if model.position_embedding_init == "sincos":
-        net.deit.embeddings.init_sincos_position_embeddings()
-    return net
-
-
-# ------------------------------------------------------------------------- fields, as the user reads them
-
-
-def _field_at(cls: type, loc: Sequence[str | int]) -> FieldInfo | None:
-    """The field of ``cls`` (or tuple element) at a pydantic location such as ("data", "mean", 2)."""
-    info = FieldInfo.from_annotation(cls)
-    for part in loc:
-        tp = info.annotation
-        if isinstance(part, str) and dataclasses.is_dataclass(tp) and part in tp.__pydantic_fields__:
-            info = tp.__pydantic_fields__[part]
-        elif isinstance(part, int) and typing.get_origin(tp) is tuple:
-            args = typing.get_args(tp)
-            info = FieldInfo.from_annotation(args[0] if args[-1] is Ellipsis else args[part])
-        else:
-            return None
-    return info
-
-
-def _type_name(tp: Any) -> str:
-    """An annotation as recipes write it: "int | None", '"tiny" | "small"', "tuple[float, float]"."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Annotated:
-        return _type_name(args[0])
-    if origin in (Union, types.UnionType):
-        return " | ".join("None" if a is type(None) else _type_name(a) for a in args)
-    if origin is Literal:
-        return " | ".join(json.dumps(a) for a in args)
-    if origin is tuple:
-        return f"tuple[{', '.join('...' if a is Ellipsis else _type_name(a) for a in args)}]"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _bounds(info: FieldInfo) -> str:
-    """What a field's range asks: "must be > 0", "each must be in [0, 1)" (a tuple's elements), or ""."""
-    each = typing.get_origin(info.annotation) is tuple
-    if each:
-        info = FieldInfo.from_annotation(typing.get_args(info.annotation)[0])
-    ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-    b = {k: getattr(m, k) for m in info.metadata for k in ops if getattr(m, k, None) is not None}
-    if b.keys() & {"gt", "ge"} and b.keys() & {"lt", "le"}:
-        lo = f"({b['gt']}" if "gt" in b else f"[{b['ge']}"
-        hi = f"{b['lt']})" if "lt" in b else f"{b['le']}]"
-        bounds = f"in {lo}, {hi}"
-    else:
-        bounds = " and ".join(f"{ops[k]} {v}" for k, v in b.items())
-    return f"{'each ' * each}must be {bounds}" if bounds else ""
-
-
-def _dotted(loc: Sequence[str | int]) -> str:
-    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-
-
-def _unknown_key(name: str, valid: Sequence[str], prefix: str) -> str:
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
-    return f"unknown key {prefix + name!r}{hint}; valid keys: {', '.join(prefix + v for v in valid)}"
-
-
-_UNKNOWN = ("unexpected_keyword_argument", "extra_forbidden", "invalid_key")
-_OUT_OF_RANGE = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
-
-
-def _one_line(cls: type, tree: Any, error: dict[str, Any]) -> str:
-    """A pydantic error as ``key=value: what was expected``, the key dotted as recipes and overrides write it."""
-    kind, loc, value = error["type"], tuple(error["loc"]), error["input"]
-    key = _dotted(loc)
-    if kind == "value_error":  # a __post_init__ check, naming keys within its section
-        return f"{key}.{error['ctx']['error']}" if key else str(error["ctx"]["error"])
-    if kind in _UNKNOWN:
-        *section, name = loc
-        prefix = _dotted(section) + "." if section else ""
-        return _unknown_key(str(name), list(_field_at(cls, section).annotation.__pydantic_fields__), prefix)
-    if kind == "missing" and isinstance(loc[-1], str):
-        return f"{key} is required: set it in the recipe or as {key}=..."
-    if kind == "dataclass_type":
-        return f"{key or 'config'}={value!r}: expected a mapping of keys to values"
-    if kind in _OUT_OF_RANGE and isinstance(loc[-1], int):  # an element: name the tuple, as recipes write it
-        *field, _ = loc
-        for part in field:
-            tree = tree[part]
-        return f"{_dotted(field)}={tree!r}: {_bounds(_field_at(cls, field))}"
-    if kind in _OUT_OF_RANGE:
-        return f"{key}={value!r}: {_bounds(_field_at(cls, loc))}"
-    if kind == "missing":  # a tuple given too few elements
-        loc = loc[:-1]
-    return f"{_dotted(loc)}={value!r}: expected {_type_name(_field_at(cls, loc).annotation)}"
-
-
 # ----------------------------------------------------------------------------------- building configs
 
 
@@ -607,8 +505,8 @@ def _parse_override(cls: type, item: str) -> tuple[str, Any]:
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise ValueError(f"override {item!r}: expected key.sub=value")
-    info = _field_at(cls, key.split("."))  # None for unknown keys: validation reports them
-    accepts_str = info is not None and "str" in _type_name(info.annotation).split(" | ")
+    info = field_at(cls, key.split("."))  # None for unknown keys: validation reports them
+    accepts_str = info is not None and "str" in type_name(info.annotation).split(" | ")
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -632,7 +530,7 @@ def config_from_dict(cls: type[T], d: dict) -> T:
     try:
         return TypeAdapter(cls).validate_python(d)
     except ValidationError as e:
-        raise ValueError(_one_line(cls, d, e.errors()[0])) from None
+        raise ValueError(one_line_error(cls, d, e.errors()[0])) from None
 
 
 def load_config(cls: type[T], recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
@@ -662,41 +560,3 @@ def save_config(cfg: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-
-
-def config_help(cls: type, prefix: str = "", base: Any = None) -> str:
-    """Every key of ``cls`` with its type, default, help and range, sections headed by their docstring."""
-    lines = []
-    for name, info in cls.__pydantic_fields__.items():
-        if dataclasses.is_dataclass(info.annotation):
-            section = info.get_default(call_default_factory=True)
-            lines += ["", f"{prefix}{name}: {(info.annotation.__doc__ or '').strip()}"]
-            lines.append(config_help(info.annotation, f"{prefix}{name}.", section))
-            continue
-        value = getattr(base, name) if base is not None else info.default
-        default = "(required)" if info.is_required() else f"= {json.dumps(value)}"
-        notes = "; ".join(filter(None, [info.description, _bounds(info)]))
-        line = f"  {prefix}{name}: {_type_name(info.annotation)} {default}"
-        lines.append(f"{line}  # {notes}" if notes else line)
-    return "\n".join(lines)
-
-
-def parse_cli(cls: type[T], argv: list[str]) -> T:
-    """``[--recipe PATH] key.sub=value ...`` -> validated config; ``--help`` prints every key and exits 0."""
-    recipe, overrides = None, []
-    args = iter(argv)
-    for arg in args:
-        if arg in ("-h", "--help"):
-            print(f"usage: [--recipe PATH] key.sub=value ...\n\n{cls.__doc__.strip()}\n{config_help(cls)}")
-            sys.exit(0)
-        elif arg == "--recipe":
-            recipe = next(args, None)
-            if recipe is None:
-                raise ValueError("--recipe: expected a path")
-        elif arg.startswith("--recipe="):
-            recipe = arg.partition("=")[2]
-        elif arg.startswith("-"):
-            raise ValueError(f"unknown option {arg!r}: usage is [--recipe PATH] key.sub=value ...")
-        else:
-            overrides.append(arg)
-    return load_config(cls, recipe, overrides)

@@ -26,21 +26,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from simmim import sharding
-from simmim.checkpoints import CheckpointManager, own_file_name
+from simmim.checkpoints import CheckpointManager
 from simmim.compilation import choose_compile, keep_cache_with_run
 from simmim.config import DataConfig, OptimConfig, TrainConfig
 from simmim.data import BadImageError, build_loader, check_bad_fraction
+from simmim.errors import NonFiniteLossError
 from simmim.optim import ModelEma, lr_at, param_groups, scaled_lr, set_lr
 from simmim.precision import choose_precision
 from simmim.run_log import RunLog
-from simmim.runs import EXPORT_DIR, SNAPSHOTS_DIR
+from simmim.rundir import EMA_WEIGHTS, EXPORT_DIR, STREAM_POSITION, own_file_name, snapshot_dir
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 EvaluateFn = Callable[[nn.Module, int, RunLog], dict[str, float]]
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 DEFAULT_WARMUP_EPOCHS = 10.0  # optim.warmup_epochs and optim.warmup_steps both unset, map-style data
@@ -344,7 +341,7 @@ class TrainState:
             if schedule.is_stream:
                 state.stream_position = read_stream_position(path, cfg.data.num_workers, acc)
             if isinstance(ema, ModelEma):
-                ema.load_state_dict(state.checkpoints.load_tensors(path, "ema.safetensors"))
+                ema.load_state_dict(state.checkpoints.load_tensors(path, EMA_WEIGHTS))
             acc.print(f"resuming from {path} at step {state.step}/{schedule.total_steps}")
         size = (
             "a stream of training images"
@@ -359,7 +356,7 @@ class TrainState:
 
     def save(self, stream_position: dict[str, Any] | None = None) -> None:
         """A checkpoint at `self.step`; `stream_position`: this process's loader state, for a stream."""
-        tensors = {"ema.safetensors": self.ema.state_dict()} if isinstance(self.ema, ModelEma) else None
+        tensors = {EMA_WEIGHTS: self.ema.state_dict()} if isinstance(self.ema, ModelEma) else None
         own = {STREAM_POSITION: stream_position} if stream_position is not None else None
         shards = None
         if self.unsharded is not None:
@@ -411,7 +408,6 @@ def intact(checkpoints: CheckpointManager) -> str:
     return f"the last good checkpoint ({latest}) is intact: run the same command again to resume from it"
 
 
-STREAM_POSITION = "stream_position.json"  # per process: stream_position_<rank>.json
 
 
 def read_stream_position(path: Path, num_workers: int, acc: Accelerator) -> dict[str, Any]:
@@ -652,7 +648,7 @@ def train(
                 # Before the save of this step: a run killed in between redoes the step and the snapshot.
                 with state.full_model(acc) as full:
                     if acc.is_main_process:
-                        export_snapshot(export, full, out / SNAPSHOTS_DIR / f"epoch_{epoch_done}")
+                        export_snapshot(export, full, snapshot_dir(out, epoch_done))
             stopping = _stop_requested(stop, acc)
             if step % t.save_every_steps == 0 or last or stopping:
                 meter.check_finite(acc, state.checkpoints)

@@ -3,7 +3,7 @@
 
 The three differ only in the model built and the loss function passed to the loop. Weights come from a
 SimMIM export or run directory, a Transformers-format DeiT directory, a timm DeiT file, or nothing.
-`scripts/finetune.py` is the command line; `scripts/predict.py` uses `load_classifier`.
+`scripts/finetune.py` is the command line; `scripts/predict.py` uses `open_classifier`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from simmim import sharding
-from simmim.config import FinetuneConfig, deit_config, new_deit
+from simmim.config import FinetuneConfig
 from simmim.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -31,17 +31,12 @@ from simmim.data import (
 )
 from simmim.data.sources import SubsetSource, balanced_subset, open_split
 from simmim.engine import evaluation_loader, make_accelerator, train
-from simmim.models import (
-    DeiTConfig,
-    DeiTForImageClassification,
-    DeiTForImageClassificationWithTeacher,
-    DeiTImageProcessor,
-)
+from simmim.exports import export_model, logits_of, new_deit, open_classifier, open_init
+from simmim.models import MODEL_FOR_HEAD
 from simmim.models.checkpoint import read_state_dict
-from simmim.models.cnn import CNN_CONFIG, build_cnn, load_cnn
-from simmim.models.image_processor import eval_image_processor
+from simmim.models.cnn import CNN_CONFIG, build_cnn, read_cnn_config
 from simmim.models.losses import classification_loss
-from simmim.runs import METRICS_FILE, STUDENTS, export_dir_of, export_model, prepare_output_dir
+from simmim.rundir import METRICS_FILE, prepare_output_dir
 
 logger = logging.getLogger("simmim.finetune")
 
@@ -60,44 +55,15 @@ DROPPABLE |= {"deit.pooler.dense.bias"} | HEAD_KEYS["cls"] | HEAD_KEYS["distill"
 
 
 # ---------------------------------------------------------------------------------------------- models
-def resolve_init(init: str) -> Path:
-    """A SimMIM run directory -> its export/; other paths as they are."""
-    path = Path(init)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"model.init={init!r} does not exist (expected a directory, a weights file or 'scratch')"
-        )
-    path = export_dir_of(path)
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise ValueError(
-            f"model.init={init!r} holds no config.json and no export/ (run scripts/export.py on it first)"
-        )
-    return path
-
-
 def build_student(cfg: FinetuneConfig, id2label: dict[int, str]) -> tuple[nn.Module, dict[str, list[str]]]:
     """The DeiT student for `cls` or `distill`, initialised from `model.init`; returns (model, loading info)."""
-    cls = STUDENTS[cfg.model.head]
+    cls = MODEL_FOR_HEAD[cfg.model.head]
     labels = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
     if cfg.model.init == "scratch":
         return new_deit(cls, cfg.model, **labels), {}
-    path = resolve_init(cfg.model.init)
-    # Architecture from the checkpoint; resolution, regularisation and labels from this run.
-    overrides = {"image_size": cfg.model.image_size, "drop_path_rate": cfg.model.drop_path_rate, **labels}
-    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-        if getattr(cfg.model, name) is not None:
-            overrides[name] = getattr(cfg.model, name)
-    has_config = (path if path.is_dir() else path.parent).joinpath("config.json").is_file()
-    config = None if has_config else deit_config(cfg.model, **labels)
-    model, info = cls.from_pretrained(
-        path,
-        config=config,
-        output_loading_info=True,
-        ignore_mismatched_sizes=True,
-        **({} if config else overrides),
-    )
-    check_loading_info(info, cfg.model.head, path)
-    return model, info
+    opened = open_init(cfg.model, cls, labels)
+    check_loading_info(opened.info, cfg.model.head, opened.path)
+    return opened.model, opened.info
 
 
 def check_loading_info(info: dict[str, list[str]], head: str, path: Path) -> None:
@@ -136,18 +102,15 @@ class Teacher(nn.Module):
 
 def load_teacher(cfg: FinetuneConfig, num_classes: int) -> Teacher:
     arch, path = cfg.teacher.arch, Path(cfg.teacher.path)
-    if arch == "deit":
-        model, processor = load_deit_classifier(path)
-        mean, std = processor.image_mean, processor.image_std
+    if arch != "deit" and not path.is_dir():  # a bare state dict, trained on ImageNet-normalised inputs
+        model, mean, std = build_cnn(arch, num_classes), IMAGENET_MEAN, IMAGENET_STD
+        model.load_state_dict(read_state_dict(path))
     else:
-        if path.is_dir():  # a simmim CNN export: its own input normalisation
-            model, meta = load_cnn(path)
-            if meta["arch"] != arch:
-                raise ValueError(f"teacher.path {path} holds a {meta['arch']}, teacher.arch is {arch}")
-            mean, std = meta["mean"], meta["std"]
-        else:  # a bare state dict, trained on ImageNet-normalised inputs
-            model, mean, std = build_cnn(arch, num_classes), IMAGENET_MEAN, IMAGENET_STD
-            model.load_state_dict(read_state_dict(path))
+        opened = open_classifier(path, what="teacher.path")
+        model, mean, std = opened.model, opened.mean, opened.std
+        held = read_cnn_config(opened.path)["arch"] if (opened.path / CNN_CONFIG).is_file() else "deit"
+        if held != arch:
+            raise ValueError(f"teacher.path {path} holds a {held}, teacher.arch is {arch}")
     logits_dim = getattr(getattr(model, "config", None), "num_labels", None) or _out_features(model)
     if logits_dim != num_classes:
         raise ValueError(f"the teacher predicts {logits_dim} classes, the dataset has {num_classes}")
@@ -158,41 +121,7 @@ def _out_features(model: nn.Module) -> int:
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
 
 
-def load_deit_classifier(path: Path) -> tuple[nn.Module, DeiTImageProcessor]:
-    """An exported DeiT classifier (either class, from its config's `architectures`) and its preprocessing."""
-    config = DeiTConfig.from_pretrained(path)
-    arch = (config.extra.get("architectures") or ["DeiTForImageClassification"])[0]
-    classes = {c.__name__: c for c in (DeiTForImageClassification, DeiTForImageClassificationWithTeacher)}
-    if arch not in classes:
-        raise ValueError(f"{path} holds a {arch}, not an image classifier ({sorted(classes)})")
-    model = classes[arch].from_pretrained(path)
-    processor_file = path / "preprocessor_config.json"
-    if processor_file.is_file():
-        processor = DeiTImageProcessor.from_pretrained(path)
-    else:
-        processor = eval_image_processor(config.image_hw[0], IMAGENET_MEAN, IMAGENET_STD)
-    return model.eval(), processor
-
-
-def load_classifier(path: str | Path) -> tuple[nn.Module, DeiTImageProcessor, dict[int, str]]:
-    """Any exported classifier: DeiT (ours or Transformers') or a simmim CNN export -> (model, processor, labels)."""
-    path = Path(path)
-    if (path / CNN_CONFIG).is_file():
-        model, meta = load_cnn(path)
-        return (
-            model,
-            DeiTImageProcessor.from_pretrained(path),
-            {int(k): v for k, v in meta["id2label"].items()},
-        )
-    model, processor = load_deit_classifier(path)
-    return model, processor, model.config.id2label
-
-
 # ---------------------------------------------------------------------------------------------- the run
-def logits_of(output: Any) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output
-
-
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, loader, accelerator, num_classes: int) -> dict[str, float]:
     """Top-1 / top-5 accuracy (%) and cross-entropy over every process's share of a validation split."""

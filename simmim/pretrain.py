@@ -11,7 +11,7 @@ import torch
 from accelerate.utils import set_seed
 
 from simmim import sharding
-from simmim.config import LossConfig, PretrainConfig, new_deit
+from simmim.config import LossConfig, PretrainConfig
 from simmim.data import (
     LabeledImageDataset,
     MaskedImageDataset,
@@ -21,12 +21,13 @@ from simmim.data import (
 )
 from simmim.data.sources import open_split, random_subset
 from simmim.engine import evaluation_loader, make_accelerator, train
+from simmim.exports import export_model, new_deit
 from simmim.masking import MaskGenerator
 from simmim.models import DeiTForMaskedImageModeling
 from simmim.models.losses import masked_l1, norm_targets, patch_mask_to_pixels, targets_to_pixels
 from simmim.probe import OnlineProbe
 from simmim.run_log import RunLog
-from simmim.runs import export_model, prepare_output_dir
+from simmim.rundir import prepare_output_dir
 from simmim.visualize import reconstruction_grid
 
 GRID_IMAGES = 8

@@ -39,10 +39,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from simmim.data import IMAGENET_MEAN, IMAGENET_STD, LabeledImageDataset, build_loader, collate_classification
-from simmim.models import DeiTConfig, DeiTImageProcessor, DeiTModel
-from simmim.models.checkpoint import read_state_dict
-from simmim.runs import export_dir_of
+from simmim.data import LabeledImageDataset, build_loader, collate_classification
+from simmim.exports import open_model
+from simmim.models import DeiTModel
 
 KNN_K = 20
 KNN_TEMPERATURE = 0.07  # DINO's
@@ -59,72 +58,21 @@ class Encoder:
     source: str  # what was loaded, for metrics.json
 
 
-def config_from_timm(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> DeiTConfig:
-    """The DeiTConfig of a bare timm ViT/DeiT state dict, from its tensor shapes. The shapes do not give
-    the number of heads: default width / 64, as in every DeiT and ViT size up to ViT-L."""
-    missing = [k for k in ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight") if k not in sd]
-    if missing:
-        raise ValueError(f"not a timm ViT/DeiT state dict: it lacks {missing}")
-    proj = sd["patch_embed.proj.weight"]  # (D, C, p, p)
-    width, channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    prefix = 1 + ("dist_token" in sd)
-    grid = math.isqrt(sd["pos_embed"].shape[1] - prefix)
-    return DeiTConfig(
-        hidden_size=width,
-        num_hidden_layers=depth,
-        num_attention_heads=num_heads or max(1, width // 64),
-        intermediate_size=sd["blocks.0.mlp.fc1.weight"].shape[0],
-        image_size=grid * patch,
-        patch_size=patch,
-        num_channels=channels,
-        layer_norm_eps=1e-6,  # timm's
-    )
-
-
 def load_encoder(checkpoint: str | Path, num_heads: int | None = None) -> Encoder:
-    """The DeiT encoder of a SimMIM run or export, a fine-tuned classifier, a Transformers DeiT directory
-    (any head), or a timm file (`num_heads`: its attention heads, see `config_from_timm`); the heads are
-    dropped. Preprocessing from its `preprocessor_config.json`."""
-    path = Path(checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"--checkpoint {str(path)!r} does not exist")
-    path = export_dir_of(path)  # a run directory -> its export
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise ValueError(
-            f"--checkpoint {str(path)!r} holds no config.json and no export/: expected a run directory, "
-            "an export, a Transformers DeiT directory or a weights file"
-        )
-    mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
-    if path.is_dir():
-        model, info = DeiTModel.from_pretrained(path, output_loading_info=True)
-        if (path / "preprocessor_config.json").is_file():
-            processor = DeiTImageProcessor.from_pretrained(path)
-            mean, std = list(processor.image_mean), list(processor.image_std)
-    else:
-        sd = read_state_dict(path)
-        if "patch_embed.proj.weight" not in sd:
-            if (path.parent / "config.json").is_file():
-                model, info = DeiTModel.from_pretrained(path, output_loading_info=True)
-            else:
-                raise ValueError(
-                    f"--checkpoint {str(path)!r} is not a timm ViT/DeiT state dict and has no config.json beside it"
-                )
-        else:  # a bare timm file: the architecture from its shapes
-            model, info = DeiTModel.from_pretrained(
-                path, config=config_from_timm(sd, num_heads), output_loading_info=True
-            )
+    """The DeiT encoder of any model `simmim.exports.open_model` opens (a SimMIM run or export, a fine-tuned
+    classifier, a Transformers DeiT directory, a timm file with `num_heads` heads), its heads dropped."""
+    opened = open_model(checkpoint, DeiTModel, what="--checkpoint", num_heads=num_heads)
     # Only the pooler (unused by the probes) and a distillation token made from the class token may be new.
     lacking = [
         k
-        for k in info["missing_keys"]
+        for k in opened.info.get("missing_keys", [])
         if not k.startswith("pooler.") and k != "embeddings.distillation_token"
     ]
     if lacking:
         raise ValueError(
-            f"--checkpoint {str(path)!r} lacks encoder weights {lacking[:4]}: not a DeiT/ViT encoder"
+            f"--checkpoint {str(opened.path)!r} lacks encoder weights {lacking[:4]}: not a DeiT/ViT encoder"
         )
-    return Encoder(model.eval(), mean, std, str(path))
+    return Encoder(opened.model.eval(), opened.mean, opened.std, str(opened.path))
 
 
 def default_layers(depth: int) -> list[int]:

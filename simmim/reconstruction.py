@@ -19,14 +19,14 @@ from accelerate.utils import gather_object
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from simmim.checkpoints import latest_checkpoint
-from simmim.config import PretrainConfig, config_from_dict
-from simmim.data import IMAGENET_MEAN, IMAGENET_STD, MaskedImageDataset, build_loader, collate_pretrain
+from simmim.config import PretrainConfig
+from simmim.data import MaskedImageDataset, build_loader, collate_pretrain
+from simmim.exports import open_model
 from simmim.masking import MaskGenerator
 from simmim.metrics import mean_fill_baseline, reconstruction_metrics
-from simmim.models import DeiTConfig, DeiTForMaskedImageModeling, DeiTImageProcessor
+from simmim.models import DeiTForMaskedImageModeling
 from simmim.models.losses import targets_to_pixels
-from simmim.runs import RUN_CONFIG, checkpoint_weights, read_export_config, read_run
+from simmim.rundir import METRICS_FILE
 from simmim.visualize import reconstruction_grid
 
 METRICS = ("masked_l1", "masked_mse", "masked_psnr", "visible_l1", "visible_psnr")
@@ -44,46 +44,17 @@ class LoadedCheckpoint:
 
 def load_masked_image_model(path: str | Path) -> LoadedCheckpoint:
     """An export directory, a pretraining output_dir (its newest state), or any DeiT MIM checkpoint."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"--checkpoint {path} does not exist")
-    if path.is_dir() and (path / RUN_CONFIG).is_file() and not (path / "config.json").is_file():
-        run = read_run(path)
-        cfg = run.config
-        if run.kind != "pretrain":
-            raise NotMaskedImageModelError(
-                f"{path} is a fine-tuning run ({cfg.model.head} head), not a masked-image "
-                "model; expected a SimMIM pretraining run or export"
-            )
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise FileNotFoundError(f"{path} is a pretraining run without any checkpoint yet")
-        model = run.new_model()
-        model.load_state_dict(checkpoint_weights(latest))
-        return LoadedCheckpoint(model, cfg.data.mean, cfg.data.std, cfg, path)
-
-    config_dir = path if path.is_dir() else path.parent
-    if not (config_dir / "config.json").is_file():
+    opened = open_model(path, what="--checkpoint", from_checkpoint=True)
+    if not isinstance(opened.model, DeiTForMaskedImageModeling):
+        held = type(opened.model).__name__
+        if opened.run_dir is not None and opened.path.parent.parent == opened.run_dir:  # a run's checkpoint
+            held = f"fine-tuning run ({opened.run_config.model.head} head)"
         raise NotMaskedImageModelError(
-            f"{path} holds no config.json: not a simmim or Transformers checkpoint"
+            f"{path} holds a {held}, not a masked-image model; expected a DeiTForMaskedImageModeling "
+            "checkpoint (a SimMIM export/ or pretraining output_dir)"
         )
-    config = DeiTConfig.from_pretrained(config_dir)
-    arch = (config.extra.get("architectures") or ["unknown"])[0]
-    if arch != "DeiTForMaskedImageModeling":
-        raise NotMaskedImageModelError(
-            f"{path} holds a {arch}, not a masked-image model; expected a DeiTForMaskedImageModeling checkpoint "
-            "(a SimMIM export/ or pretraining output_dir)"
-        )
-    model = DeiTForMaskedImageModeling.from_pretrained(path)
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    if (config_dir / "preprocessor_config.json").is_file():
-        processor = DeiTImageProcessor.from_pretrained(config_dir)
-        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
-    run_cfg = None
-    if (raw := read_export_config(config_dir)) is not None:
-        run_cfg = config_from_dict(PretrainConfig, raw)
-    run_dir = config_dir.parent if (config_dir.parent / RUN_CONFIG).is_file() else None
-    return LoadedCheckpoint(model, mean, std, run_cfg, run_dir)
+    run_cfg = opened.run_config if isinstance(opened.run_config, PretrainConfig) else None
+    return LoadedCheckpoint(opened.model, tuple(opened.mean), tuple(opened.std), run_cfg, opened.run_dir)
 
 
 def grid_indices(num_images: int, count: int, seed: int):
@@ -197,7 +168,7 @@ def write_outputs(
     out: Path, summary: dict[str, Any], rows: list[dict[str, Any]], grid: torch.Tensor | None
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     if rows:
         with (out / "per_image.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

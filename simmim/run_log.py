@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from simmim.rundir import LOG_FILE, TENSORBOARD_DIR
+
 
 class RunLog:
     """`log.jsonl` + TensorBoard event files under `output_dir/tb`, written by the main process only.
@@ -19,7 +21,7 @@ class RunLog:
 
     def __init__(self, output_dir: str | Path, enabled: bool, resume_step: int = 0) -> None:
         self.enabled = enabled
-        self.path = Path(output_dir) / "log.jsonl"
+        self.path = Path(output_dir) / LOG_FILE
         self.writer = None
         if not enabled:
             return
@@ -33,7 +35,7 @@ class RunLog:
         from torch.utils.tensorboard import SummaryWriter
 
         # Events logged after the checkpoint (by a killed run) are replaced by the resumed run's.
-        self.writer = SummaryWriter(str(Path(output_dir) / "tb"), purge_step=resume_step + 1)
+        self.writer = SummaryWriter(str(Path(output_dir) / TENSORBOARD_DIR), purge_step=resume_step + 1)
 
     def write(self, step: int, values: dict[str, Any], kind: str = "train") -> None:
         if not self.enabled:

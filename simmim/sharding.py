@@ -35,11 +35,7 @@ from torch.distributed.tensor import DTensor
 
 from simmim.config import config_from_dict, config_to_dict
 from simmim.models.deit import DeiTLayer
-
-MODEL_SHARD = "model_shard_{rank}.safetensors"
-OPTIMIZER_SHARD = "optimizer_shard_{rank}.safetensors"
-OPTIMIZER_GROUPS = "optimizer_groups_{rank}.json"
-EMA_SHARD = "ema_shard_{rank}.safetensors"
+from simmim.rundir import EMA_SHARD, MODEL_SHARD, OPTIMIZER_GROUPS, OPTIMIZER_SHARD
 
 C = TypeVar("C")  # a PretrainConfig or FinetuneConfig
 
@@ -102,11 +98,6 @@ def follow_launcher(cfg: C, environ: dict[str, str] | None = None) -> C:
             f"{'on' if checkpointing else 'off'})"
         )
     return followed
-
-
-def holds_shards(checkpoint: Path) -> bool:
-    """Whether a training checkpoint was saved by a train.fsdp run (its model as per-process shards)."""
-    return (checkpoint / MODEL_SHARD.format(rank=0)).is_file()
 
 
 def shard(
@@ -262,20 +253,3 @@ def load(
     if ema is not None:
         for name, tensor in load_file(str(files[3])).items():
             ema.shards[name].copy_(tensor)
-
-
-def join_shards(directory: Path) -> dict[str, torch.Tensor] | None:
-    """The whole model of a checkpoint that `save` wrote (its shards joined along dim 0, in rank order,
-    as FSDP2 splits them), or None if `directory` holds no shards: what `scripts/export.py` and the
-    reconstruction evaluation read from a checkpoint of a train.fsdp run, in one process."""
-    from safetensors import safe_open
-
-    files = sorted(directory.glob(MODEL_SHARD.format(rank="*")), key=lambda f: int(f.stem.rsplit("_", 1)[1]))
-    if not files:
-        return None
-    with safe_open(str(files[0]), "pt") as f:
-        sharded = set(json.loads((f.metadata() or {}).get("sharded", "[]")))
-    shards = [load_file(str(f)) for f in files]
-    return {
-        name: torch.cat([s[name] for s in shards]) if name in sharded else t for name, t in shards[0].items()
-    }

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import yaml
 
+from simmim.cli import parse_cli
 from simmim.config import (
     FinetuneConfig,
     ModelConfig,
@@ -12,8 +13,8 @@ from simmim.config import (
     config_from_dict,
     config_to_dict,
     deit_config_kwargs,
+    default_num_workers,
     load_config,
-    parse_cli,
     save_config,
 )
 
@@ -50,7 +51,7 @@ def test_recipe_then_overrides(tmp_path):
     assert cfg.optim.base_lr == 5e-4  # "5e-4" is a string to YAML 1.1; float fields accept it
     assert cfg.model.variant == "small"
     # a section given in the recipe keeps its other defaults, including FinetuneConfig's head
-    assert cfg.model.head == "cls" and cfg.model.patch_size == 16 and cfg.data.num_workers == 4
+    assert cfg.model.head == "cls" and cfg.model.patch_size == 16 and cfg.data.num_workers == default_num_workers()
 
 
 def test_section_override_with_a_mapping_merges():

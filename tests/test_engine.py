@@ -10,7 +10,8 @@ from torch import nn
 
 from simmim.checkpoints import CheckpointManager
 from simmim.config import DataConfig, OptimConfig, TrainConfig
-from simmim.engine import LossMeter, NonFiniteLossError, Schedule, TrainBatches, TrainState, train_step
+from simmim.engine import LossMeter, Schedule, TrainBatches, TrainState, train_step
+from simmim.errors import NonFiniteLossError
 from simmim.optim import param_groups
 
 

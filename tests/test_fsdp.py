@@ -223,7 +223,7 @@ def test_fsdp_needs_several_processes_and_no_fp16(tmp_path):
 
 
 def test_an_fsdp_checkpoint_exports_with_its_shards_joined(runs, tmp_path):
-    from simmim.runs import export_run
+    from simmim.exports import export_run
 
     export_run(runs / "fsdp", tmp_path / "export")  # scripts/export.py, from the step-12 checkpoint
     joined, final = load_file(str(tmp_path / "export" / "model.safetensors")), weights(runs / "fsdp")

@@ -14,6 +14,7 @@ from helpers import tiny_config
 from test_pretrain_e2e import TINY, final_weights
 
 from simmim.data.sources import SubsetSource, balanced_subset, open_source
+from simmim.exports import config_from_timm
 from simmim.models import (
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
@@ -22,7 +23,6 @@ from simmim.models import (
 )
 from simmim.models.checkpoint import to_timm_state_dict
 from simmim.probe import (
-    config_from_timm,
     default_layers,
     extract_features,
     knn_classify,

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from simmim.config import FinetuneConfig, PretrainConfig
 from simmim.models import DeiTConfig, DeiTForMaskedImageModeling
-from simmim.runs import RUN_INFO, read_run
+from simmim.rundir import RUN_INFO, read_run
 
 SHORT = [
     "train.max_steps=2",

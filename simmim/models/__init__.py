@@ -14,6 +14,13 @@ from simmim.models.deit import (
 )
 from simmim.models.image_processor import DeiTImageProcessor
 
+# The head a run trains -> the DeiT class that carries it (model.head=cnn is a torchvision model instead).
+MODEL_FOR_HEAD = {
+    "mim": DeiTForMaskedImageModeling,
+    "cls": DeiTForImageClassification,
+    "distill": DeiTForImageClassificationWithTeacher,
+}
+
 __all__ = [
     "BaseModelOutputWithPooling",
     "DeiTConfig",
@@ -26,4 +33,5 @@ __all__ = [
     "DeiTPreTrainedModel",
     "ImageClassifierOutput",
     "MaskedImageModelingOutput",
+    "MODEL_FOR_HEAD",
 ]

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from simmim.models.configuration import CONFIG_NAME, DeiTConfig
-from simmim.models.deit import DeiTEmbeddings, resize_position_embeddings
+from simmim.models.position import NUM_PREFIX_TOKENS, resize_position_embeddings
 
 logger = logging.getLogger("simmim.models")
 
@@ -277,7 +277,7 @@ def adapt_embeddings(
         created.append(dist_key)
     target = model.state_dict()[pos_key]
     if pos.shape[1] != target.shape[1]:
-        n = DeiTEmbeddings.num_prefix_tokens
+        n = NUM_PREFIX_TOKENS
         src_grid = _source_grid(pos.shape[1] - n, src_config, pos_key, file)
         dst_grid = model.config.grid_size
         pos = resize_position_embeddings(pos, n, src_grid, dst_grid)

@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from simmim.models import checkpoint as checkpoint_format
 from simmim.models.configuration import DeiTConfig
 from simmim.models.losses import classification_loss, distillation_loss, masked_l1, patch_mask_to_pixels
+from simmim.models.position import NUM_PREFIX_TOKENS, resize_position_embeddings
 
 
 class _QuickGELU(nn.Module):
@@ -90,19 +92,6 @@ class DeiTForImageClassificationWithTeacherOutput(ModelOutput):
 
 
 # ---------------------------------------------------------------------------------------------- encoder
-def resize_position_embeddings(
-    pos: torch.Tensor, num_prefix_tokens: int, src_grid: tuple[int, int], dst_grid: tuple[int, int]
-) -> torch.Tensor:
-    """(1, prefix + gh*gw, D) -> (1, prefix + h*w, D): bicubic on the patch grid (in float32, as timm's
-    `resample_abs_pos_embed`), prefix tokens kept. Used at run time and when loading checkpoints."""
-    prefix, patch = pos[:, :num_prefix_tokens], pos[:, num_prefix_tokens:]
-    gh, gw = src_grid
-    patch = patch.reshape(1, gh, gw, -1).permute(0, 3, 1, 2).float()  # (1, D, gh, gw)
-    patch = F.interpolate(patch, size=dst_grid, mode="bicubic", align_corners=False)
-    patch = patch.permute(0, 2, 3, 1).reshape(1, dst_grid[0] * dst_grid[1], -1).to(pos.dtype)  # (1, h*w, D)
-    return torch.cat((prefix, patch), dim=1)
-
-
 class DeiTPatchEmbeddings(nn.Module):
     """(B, C, H, W) -> (B, h*w, D) with a stride-p convolution; h, w = H/p, W/p in row-major order."""
 
@@ -129,7 +118,7 @@ class DeiTPatchEmbeddings(nn.Module):
 class DeiTEmbeddings(nn.Module):
     """[CLS, DIST, patches] + position embeddings; masked patches are replaced by the mask token first."""
 
-    num_prefix_tokens = 2  # class token and distillation token
+    num_prefix_tokens = NUM_PREFIX_TOKENS  # class token and distillation token
 
     def __init__(self, config: DeiTConfig, use_mask_token: bool = False) -> None:
         super().__init__()
@@ -347,9 +336,7 @@ class DeiTPreTrainedModel(nn.Module):
 
     def save_pretrained(self, save_directory: str | Path) -> None:
         """Write `config.json` and `model.safetensors` (Transformers' layout and key names)."""
-        from simmim.models.checkpoint import save_pretrained
-
-        save_pretrained(self, save_directory)
+        checkpoint_format.save_pretrained(self, save_directory)
 
     @classmethod
     def from_pretrained(
@@ -372,9 +359,7 @@ class DeiTPreTrainedModel(nn.Module):
             ignore_mismatched_sizes: leave tensors of another shape (a head for other labels) newly
                 initialised instead of raising.
         """
-        from simmim.models.checkpoint import from_pretrained
-
-        model, info = from_pretrained(
+        model, info = checkpoint_format.from_pretrained(
             cls, path, config=config, ignore_mismatched_sizes=ignore_mismatched_sizes, **config_overrides
         )
         return (model, info) if output_loading_info else model

@@ -1,32 +1,35 @@
-"""The run directory: what a pretraining or fine-tuning run writes to `output_dir`, and reading it back.
+"""The run directory: every name a pretraining or fine-tuning run writes under `output_dir`, and reading it
+back. Nothing else in simmim spells these names.
 
     output_dir/
         config.yaml           the resolved run config (RUN_CONFIG); a resumed run is compared against it
         run.json              the kind of run and what its export needs without the data or the init
                               checkpoint (RUN_INFO): the model's DeiTConfig or CNN arch, and the labels
-        checkpoints/          training states and index.json (simmim.checkpoints)
+        checkpoints/          training states (CHECKPOINTS_DIR, see simmim.checkpoints):
+            index.json            {"latest": "step_00000100", "checkpoints": [... oldest first]}
+            step_00000100/        accelerate's state (model.safetensors, optimizer.bin, random_states_*.pkl),
+                                  trainer_state.json, ema.safetensors, stream_position_<rank>.json, and
+                                  under train.fsdp each process's model/optimizer/EMA shards
         log.jsonl, tb/        the run log (simmim.run_log)
         export/               the model: a Transformers-format directory (config.json, model.safetensors)
                               or a CNN export, with preprocessor_config.json and the run config (EXPORT_CONFIG)
         snapshots/epoch_N/    exports along the way (train.snapshot_epochs)
         metrics.json          fine-tuning: every evaluation and the best
-
-`export_model` writes every export; `export_run` writes one from any checkpoint of a run directory.
+        compile_cache/        inductor's compiled kernels, when the run compiles (simmim.compilation)
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from accelerate import Accelerator
 from torch import nn
 
-from simmim.checkpoints import latest_checkpoint
 from simmim.config import (
     FinetuneConfig,
     PretrainConfig,
@@ -35,43 +38,62 @@ from simmim.config import (
     deit_config,
     save_config,
 )
-from simmim.models import (
-    DeiTConfig,
-    DeiTForImageClassification,
-    DeiTForImageClassificationWithTeacher,
-    DeiTForMaskedImageModeling,
-)
-from simmim.models.checkpoint import read_state_dict
-from simmim.models.cnn import build_cnn, save_cnn
-from simmim.models.image_processor import eval_image_processor
+from simmim.models import MODEL_FOR_HEAD, DeiTConfig
+from simmim.models.cnn import build_cnn
 
 RUN_CONFIG = "config.yaml"
 RUN_INFO = "run.json"
+LOG_FILE = "log.jsonl"
+TENSORBOARD_DIR = "tb"
 EXPORT_DIR = "export"
 SNAPSHOTS_DIR = "snapshots"
-COMPILE_CACHE_DIR = "compile_cache"  # inductor's cache, when the run compiles (simmim.compilation)
-METRICS_FILE = "metrics.json"
+METRICS_FILE = "metrics.json"  # fine-tuning's evaluations; also what every evaluation script writes
+COMPILE_CACHE_DIR = "compile_cache"
 EXPORT_CONFIG = "simmim_config.yaml"  # the resolved run config, embedded in every export
-# The fine-tuning head -> the DeiT class that carries it (model.head=cnn is a torchvision model).
-STUDENTS = {"cls": DeiTForImageClassification, "distill": DeiTForImageClassificationWithTeacher}
+# Inside checkpoints/:
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_INDEX = "index.json"
+TRAINER_STATE = "trainer_state.json"  # the step and the counters
+ACCELERATE_WEIGHTS = "model.safetensors"  # the model in accelerate's save_state
+EMA_WEIGHTS = "ema.safetensors"
+STREAM_POSITION = "stream_position.json"  # per process: stream_position_<rank>.json
+MODEL_SHARD = "model_shard_{rank}.safetensors"  # train.fsdp: each process's shard
+OPTIMIZER_SHARD = "optimizer_shard_{rank}.safetensors"
+OPTIMIZER_GROUPS = "optimizer_groups_{rank}.json"
+EMA_SHARD = "ema_shard_{rank}.safetensors"
 
 
-def export_dir_of(path: Path) -> Path:
-    """A run directory -> its export/; an export, a Transformers directory or a weights file as it is."""
-    path = Path(path)
-    if (
-        path.is_dir()
-        and not (path / "config.json").is_file()
-        and (path / EXPORT_DIR / "config.json").is_file()
-    ):
-        return path / EXPORT_DIR
-    return path
+def snapshot_dir(output_dir: str | Path, epoch: int) -> Path:
+    return Path(output_dir) / SNAPSHOTS_DIR / f"epoch_{epoch}"
 
 
-def read_export_config(directory: Path) -> dict[str, Any] | None:
-    """The run config embedded in an export (as written), or None for exports made elsewhere."""
-    file = Path(directory) / EXPORT_CONFIG
-    return yaml.safe_load(file.read_text()) if file.is_file() else None
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def own_file_name(name: str, process_index: int) -> str:
+    """A process's own file in a checkpoint: "stream_position.json" -> "stream_position_1.json"."""
+    stem, suffix = os.path.splitext(name)
+    return f"{stem}_{process_index}{suffix}"
+
+
+def read_index(output_dir: str | Path) -> dict[str, Any]:
+    """The checkpoint index of a run directory (empty before the first save)."""
+    index_file = Path(output_dir) / CHECKPOINTS_DIR / CHECKPOINT_INDEX
+    if not index_file.is_file():
+        return {"latest": None, "checkpoints": []}
+    return json.loads(index_file.read_text())
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run directory, or None."""
+    name = read_index(output_dir)["latest"]
+    return Path(output_dir) / CHECKPOINTS_DIR / name if name else None
+
+
+def holds_shards(checkpoint: Path) -> bool:
+    """Whether a training checkpoint was saved by a train.fsdp run (its model as per-process shards)."""
+    return (checkpoint / MODEL_SHARD.format(rank=0)).is_file()
 
 
 def run_kind(raw_config: dict[str, Any]) -> str:
@@ -93,7 +115,7 @@ class Run:
         cfg, info = self.config, self.info
         if cfg.model.head == "cnn":
             return build_cnn(cfg.model.arch, len(info["id2label"]))
-        cls = DeiTForMaskedImageModeling if self.kind == "pretrain" else STUDENTS[cfg.model.head]
+        cls = MODEL_FOR_HEAD["mim" if self.kind == "pretrain" else cfg.model.head]
         if "model_config" in info:
             return cls(DeiTConfig.from_dict(info["model_config"]))
         return cls(deit_config(cfg.model))  # a pretraining run written before run.json
@@ -136,8 +158,6 @@ def prepare_output_dir(
     path = out / RUN_CONFIG
     latest = latest_checkpoint(out)
     if latest is not None:
-        from simmim.sharding import holds_shards  # torch's FSDP, imported only where a run resumes
-
         sharded = holds_shards(latest)
         if cfg.train.fsdp != sharded:  # a resume launched otherwise than the run
             saved_by = "a train.fsdp=true run (FSDP shards)" if sharded else "a run without train.fsdp"
@@ -164,52 +184,3 @@ def prepare_output_dir(
     accelerator.wait_for_everyone()
 
 
-def export_model(model: nn.Module, directory: Path, cfg: Any, id2label: dict[int, str] | None = None) -> None:
-    """The model as others load it: a Transformers-format DeiT directory (config.json, model.safetensors),
-    or for `model.head=cnn` a CNN export; with preprocessor_config.json and the run config."""
-    directory = Path(directory)
-    if getattr(cfg.model, "head", None) == "cnn":
-        meta = {"arch": cfg.model.arch, "id2label": {str(k): v for k, v in id2label.items()}}
-        meta |= {"mean": list(cfg.data.mean), "std": list(cfg.data.std), "image_size": cfg.model.image_size}
-        save_cnn(model, directory, meta)
-    else:
-        model.save_pretrained(directory)
-    eval_image_processor(cfg.model.image_size, cfg.data.mean, cfg.data.std).save_pretrained(directory)
-    save_config(cfg, directory / EXPORT_CONFIG)
-
-
-def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The model's weights in a training checkpoint: accelerate's `model.safetensors`, or a train.fsdp
-    run's shards joined (`simmim.sharding.join_shards`)."""
-    from simmim.sharding import join_shards
-
-    joined = join_shards(checkpoint)
-    return joined if joined is not None else read_state_dict(checkpoint / "model.safetensors")
-
-
-def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:
-    """Export the newest (or a given) training checkpoint of a pretraining or fine-tuning run directory."""
-    run = read_run(run_dir)
-    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run.directory)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run.directory} holds no checkpoint (checkpoints/index.json)")
-    if run.kind == "finetune" and "id2label" not in run.info:
-        model, id2label = _rebuild_legacy_student(run)
-    else:
-        model, id2label = run.new_model(), run.id2label
-    model.load_state_dict(checkpoint_weights(ckpt))
-    export_model(model, Path(out), run.config, id2label)
-    return Path(out)
-
-
-def _rebuild_legacy_student(run: Run) -> tuple[nn.Module, dict[int, str]]:
-    """A fine-tuning run written before run.json: its labels come from the dataset and its architecture
-    from the init checkpoint, both of which must still exist."""
-    from simmim.data.sources import open_split
-    from simmim.finetune import build_student  # here: simmim.finetune imports this module
-
-    cfg = run.config
-    id2label = dict(enumerate(open_split(cfg, cfg.data.train_split).class_names))
-    if cfg.model.head == "cnn":
-        return build_cnn(cfg.model.arch, len(id2label)), id2label
-    return build_student(cfg, id2label)[0], id2label
