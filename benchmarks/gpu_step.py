@@ -83,8 +83,8 @@ def sync_check(config: DeiTConfig, batch: int, device: str) -> dict:
 
     from simmim.checkpoints import CheckpointManager
     from simmim.config import DataConfig, OptimConfig, TrainConfig
-    from simmim.engine import LossMeter, Schedule, TrainBatches, TrainState, train_step
-    from simmim.optim import param_groups
+    from simmim.engine import LossMeter, TrainBatches, TrainState, train_step
+    from simmim.optim import Schedule, param_groups
 
     acc = Accelerator(mixed_precision="bf16", cpu=device != "cuda")
     optim = OptimConfig(warmup_epochs=0)

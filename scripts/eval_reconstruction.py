@@ -15,7 +15,7 @@ from pathlib import Path
 
 from simmim.cli import run_main
 from simmim.data import MaskedImageDataset, eval_transform, open_source
-from simmim.engine import make_accelerator
+from simmim.launch import make_accelerator
 from simmim.reconstruction import (
     evaluate_reconstruction,
     load_masked_image_model,

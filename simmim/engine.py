@@ -1,4 +1,5 @@
-"""The one training loop, shared by SimMIM pretraining and fine-tuning: they differ only in `loss_fn`.
+"""The one training loop, shared by SimMIM pretraining and fine-tuning: `train(task, cfg)`, where the `Task`
+holds what differs between them (the model and data, the loss, the evaluation and the export).
 
 Steps are optimizer steps. A step consumes `grad_accum_steps` micro-batches of `batch_size` images on each
 process. Everything that decides the next step (data position, learning rate, RNG) is a function of the
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import time
@@ -31,86 +31,53 @@ from simmim.compilation import choose_compile, keep_cache_with_run
 from simmim.config import DataConfig, OptimConfig, TrainConfig
 from simmim.data import BadImageError, build_loader, check_bad_fraction
 from simmim.errors import NonFiniteLossError
-from simmim.optim import ModelEma, lr_at, param_groups, scaled_lr, set_lr
+from simmim.optim import ModelEma, Schedule, param_groups, set_lr
 from simmim.precision import choose_precision
 from simmim.run_log import RunLog
 from simmim.rundir import EMA_WEIGHTS, EXPORT_DIR, STREAM_POSITION, own_file_name, snapshot_dir
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
-EvaluateFn = Callable[[nn.Module, int, RunLog], dict[str, float]]
 
 
-DEFAULT_WARMUP_EPOCHS = 10.0  # optim.warmup_epochs and optim.warmup_steps both unset, map-style data
+class Task:
+    """What a kind of run gives the loop: its parts, built before training starts, and four methods.
+    `simmim.pretrain.PretrainTask` and `simmim.finetune.FinetuneTask` are the two kinds; the tests drive the
+    loop with a toy one.
+
+    Attributes a task sets: `accelerator` (from `simmim.launch.make_accelerator`), `model` (not yet
+    prepared), `train_set` (a dataset over a `.source`) and `collate_fn`."""
+
+    accelerator: Accelerator
+    model: nn.Module
+    train_set: Any
+    collate_fn: Callable
+    # Higher is better: output_dir/export then holds the best evaluated weights (EMA weights compete too);
+    # None: it holds the final weights.
+    select_metric: str | None = None
+    # Evaluate every train.eval_every_epochs epochs (unless train.eval_every_steps is set), not every
+    # 1000 steps.
+    eval_each_epoch: bool = False
+    # Whether `probe` runs, every train.probe_every_steps and at the end.
+    has_probe: bool = False
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of one micro-batch (on the device), under the loop's autocast; `model` is prepared."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, step: int, log: RunLog) -> dict[str, float]:
+        """Metrics of the unwrapped (or gathered) model on the held-out split; every process calls it."""
+        return {}
+
+    def export(self, model: nn.Module, directory: Path) -> None:
+        """Write `model` as others load it (`simmim.exports.export_model`); the main process calls it."""
+        raise NotImplementedError
+
+    def probe(self, model: nn.Module) -> dict[str, float]:
+        """Pretraining's online probe, on the main process."""
+        return {}
+
+
 DEFAULT_EVAL_EVERY_STEPS = 1000  # train.eval_every_steps unset: pretraining, and fine-tuning on a stream
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Durations turned into optimizer steps once, from the data size and the global batch; a stream
-    (`num_samples` None) has no epochs, and its durations are steps already (train.max_steps)."""
-
-    micro_batches_per_epoch: int | None  # per process, = samples // (batch_size * world_size)
-    steps_per_epoch: int | None  # None: a stream
-    total_steps: int  # where training stops (max_steps cap applied)
-    schedule_steps: int  # where the cosine ends (epochs * steps_per_epoch)
-    warmup_steps: int
-    global_batch: int  # images per optimizer step over all processes and accumulation
-    peak_lr: float
-    min_lr: float
-
-    @classmethod
-    def build(
-        cls,
-        num_samples: int | None,
-        data: DataConfig,
-        optim: OptimConfig,
-        train: TrainConfig,
-        world_size: int,
-    ):
-        global_batch = data.batch_size * world_size * optim.grad_accum_steps
-        lrs = dict(
-            peak_lr=scaled_lr(optim.base_lr, global_batch), min_lr=scaled_lr(optim.min_lr, global_batch)
-        )
-        if num_samples is None:
-            if train.max_steps is None or optim.warmup_epochs is not None:
-                raise ValueError(
-                    "a stream's schedule needs train.max_steps, and warmup in optim.warmup_steps"
-                )
-            steps = train.max_steps
-            return cls(None, None, steps, steps, optim.warmup_steps or 0, global_batch, **lrs)
-        micro = num_samples // (data.batch_size * world_size)
-        steps_per_epoch = micro // optim.grad_accum_steps
-        if steps_per_epoch == 0:
-            raise ValueError(
-                f"the training split has {num_samples} images, fewer than one optimizer step needs "
-                f"(data.batch_size={data.batch_size} x {world_size} processes x optim.grad_accum_steps="
-                f"{optim.grad_accum_steps}); lower the batch size or use more data"
-            )
-        schedule_steps = train.epochs * steps_per_epoch
-        total = schedule_steps if train.max_steps is None else min(schedule_steps, train.max_steps)
-        if optim.warmup_steps is not None:
-            warmup = optim.warmup_steps
-        else:
-            warmup_epochs = DEFAULT_WARMUP_EPOCHS if optim.warmup_epochs is None else optim.warmup_epochs
-            warmup = round(warmup_epochs * steps_per_epoch)
-        return cls(micro, steps_per_epoch, total, schedule_steps, warmup, global_batch, **lrs)
-
-    @property
-    def is_stream(self) -> bool:
-        return self.steps_per_epoch is None
-
-    def epoch(self, step: int) -> float | None:
-        """Epochs done after `step` steps (None on a stream)."""
-        return None if self.is_stream else step / self.steps_per_epoch
-
-    def lr(self, step: int) -> float:
-        return lr_at(
-            step,
-            peak_lr=self.peak_lr,
-            total_steps=self.schedule_steps,
-            warmup_steps=self.warmup_steps,
-            min_lr=self.min_lr,
-        )
 
 
 @dataclass
@@ -141,35 +108,6 @@ class StopSignal:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def make_accelerator(precision: str = "launcher", fsdp: bool = False) -> Accelerator:
-    """The run's Accelerator, with autocast as `train.precision` asks (see `simmim.precision`); `fsdp`
-    (train.fsdp) needs several processes to shard over.
-
-    `accelerate launch --multi_gpu --num_processes N` on a machine without CUDA would otherwise start N
-    unrelated single-process runs: there, the processes join over gloo on CPU.
-    """
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        # ZeRO would shard the model its own way, behind the loop's back (simmim.sharding says more).
-        raise ValueError(
-            "ACCELERATE_USE_DEEPSPEED=true (accelerate launch with DeepSpeed): simmim shards with FSDP2; "
-            "launch with --config_file recipes/accelerate/fsdp.yaml"
-        )
-    # An FSDP launch: training has read it as train.fsdp=true (sharding.follow_launcher); anything else (an
-    # evaluation) runs replicated. accelerate must not wrap the model with its own FSDP either way.
-    os.environ.pop("ACCELERATE_USE_FSDP", None)
-    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if fsdp and not multi_process:
-        raise ValueError(
-            "train.fsdp=true shards the model across processes, and this is one: launch with accelerate "
-            "launch --config_file recipes/accelerate/fsdp.yaml --num_processes N (N >= 2)"
-        )
-    mixed, _ = choose_precision(precision)
-    if fsdp and mixed == "fp16":  # accelerate launch --mixed_precision fp16 with train.precision=launcher
-        raise ValueError("fp16 autocast with train.fsdp=true: its gradient scaler does not reach the sharded "
-                         "optimizer; launch with --mixed_precision bf16")  # fmt: skip
-    return Accelerator(cpu=multi_process and not torch.cuda.is_available(), mixed_precision=mixed)
 
 
 def export_snapshot(export: Callable[[nn.Module, Path], None], model: nn.Module, directory: Path) -> None:
@@ -408,8 +346,6 @@ def intact(checkpoints: CheckpointManager) -> str:
     return f"the last good checkpoint ({latest}) is intact: run the same command again to resume from it"
 
 
-
-
 def read_stream_position(path: Path, num_workers: int, acc: Accelerator) -> dict[str, Any]:
     """This process's stream loader state in checkpoint `path`, checked against the run's loader workers:
     the state holds one position per worker, so a resumed stream needs the same number."""
@@ -528,14 +464,12 @@ def train_step(
 
 def evaluate_and_keep_best(
     state: TrainState,
-    evaluate: EvaluateFn,
+    task: Task,
     log: RunLog,
-    acc: Accelerator,
-    select_metric: str | None,
-    export: Callable[[nn.Module, Path], None],
     out: Path,
 ) -> None:
-    """Evaluate the model (and its EMA); with `select_metric`, export whichever is the best so far."""
+    """Evaluate the model (and its EMA); with the task's `select_metric`, export whichever is the best so far."""
+    acc, evaluate, select_metric = task.accelerator, task.evaluate, task.select_metric
     # The unwrapped model (DDP's forward can sync buffers, and ranks may hold unequal shares of the split),
     # or under train.fsdp the gathered copy (a sharded forward would wait on every process).
     with state.full_model(acc) as unwrapped, state.ema_model(acc) as ema:
@@ -555,7 +489,7 @@ def evaluate_and_keep_best(
             if not counters.best or value > counters.best[select_metric]:
                 counters.best = {select_metric: value, "step": step, "ema": is_ema}
                 if acc.is_main_process:
-                    export(ema if is_ema else unwrapped, out / EXPORT_DIR)
+                    task.export(ema if is_ema else unwrapped, out / EXPORT_DIR)
     acc.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
 
@@ -590,42 +524,27 @@ def fallback_batch(train_set, cfg: Any, collate_fn: Callable, device: torch.devi
     raise BadImageError(f"no image of the training split {cfg.data.path} could be decoded")
 
 
-def train(
-    cfg: Any,
-    *,
-    accelerator: Accelerator,
-    model: nn.Module,
-    train_set: Any,
-    collate_fn: Callable,
-    loss_fn: LossFn,
-    evaluate: EvaluateFn | None,
-    export: Callable[[nn.Module, Path], None],
-    select_metric: str | None = None,
-    eval_each_epoch: bool = False,
-    probe: Callable[[nn.Module], dict[str, float]] | None = None,
-) -> dict[str, Any]:
-    """Train `model` on `train_set` with `loss_fn(prepared_model, batch) -> loss`; returns the counters
-    (also in the checkpoints' trainer_state.json). `cfg` is a PretrainConfig or FinetuneConfig.
+def train(task: Task, cfg: Any) -> dict[str, Any]:
+    """Train `task.model` on `task.train_set` as `cfg` (a PretrainConfig or FinetuneConfig) says; returns the
+    counters (also in the checkpoints' trainer_state.json).
 
-    `evaluate(unwrapped_model, step, log) -> {name: value}` runs every `evaluation_cadence` steps
-    (`eval_each_epoch`: by epochs unless train.eval_every_steps is set) and at the end. `export(model, directory)`
-    writes an export; with `select_metric` (higher is better, EMA weights compete too) `output_dir/export`
-    holds the best evaluated weights, without it the final ones. `probe(unwrapped_model)` runs on the main
-    process every `train.probe_every_steps` and at the end (pretraining's online probe)."""
-    acc, out, t = accelerator, Path(cfg.output_dir), cfg.train
-    state = TrainState.start(cfg, model, acc, None if train_set.source.is_streaming else len(train_set))
+    Every `evaluation_cadence` steps and at the end the task evaluates (and with its `select_metric` keeps
+    the best export); every train.probe_every_steps it probes; the final weights are exported unless an
+    evaluated best was."""
+    acc, out, t, train_set = task.accelerator, Path(cfg.output_dir), cfg.train, task.train_set
+    state = TrainState.start(cfg, task.model, acc, None if train_set.source.is_streaming else len(train_set))
     schedule, model = state.schedule, state.model
     log = RunLog(out, acc.is_main_process, resume_step=state.step)
     log_run_header(log, state, acc, t.precision)
-    batches = TrainBatches.of_run(train_set, collate_fn, cfg, state, acc)
+    batches = TrainBatches.of_run(train_set, task.collate_fn, cfg, state, acc)
     meter = LossMeter(acc.device)
-    eval_every = evaluation_cadence(t, schedule, eval_each_epoch)
+    eval_every = evaluation_cadence(t, schedule, task.eval_each_epoch)
     model.train()
     stopping = 0
     progress = dict(total=schedule.total_steps, initial=state.step, disable=not acc.is_main_process)
     with StopSignal() as stop, tqdm(**progress, dynamic_ncols=True) as bar, bugs_keep_their_traceback(state):
         while state.step < schedule.total_steps:
-            grad_norm = train_step(state, batches, loss_fn, meter, acc, cfg.optim)
+            grad_norm = train_step(state, batches, task.loss, meter, acc, cfg.optim)
             state.step += 1
             step, last = state.step, state.step == schedule.total_steps
             bar.update(1)
@@ -636,19 +555,19 @@ def train(
                 bar.set_postfix(
                     loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", img_s=f"{values['img_per_s']:.0f}"
                 )
-            if evaluate is not None and (step % eval_every == 0 or last):
+            if step % eval_every == 0 or last:
                 meter.check_finite(acc, state.checkpoints)
                 with evaluation_mode(model):
-                    evaluate_and_keep_best(state, evaluate, log, acc, select_metric, export, out)
-            if probe is not None and t.probe_every_steps and (step % t.probe_every_steps == 0 or last):
+                    evaluate_and_keep_best(state, task, log, out)
+            if task.has_probe and t.probe_every_steps and (step % t.probe_every_steps == 0 or last):
                 with evaluation_mode(model), state.full_model(acc) as full:
-                    run_probe(probe, full, step, log, acc)
+                    run_probe(task.probe, full, step, log, acc)
             epoch_done, in_epoch = divmod(step, schedule.steps_per_epoch or step + 1)  # a stream: no epoch
             if in_epoch == 0 and epoch_done in t.snapshot_epochs:
                 # Before the save of this step: a run killed in between redoes the step and the snapshot.
                 with state.full_model(acc) as full:
                     if acc.is_main_process:
-                        export_snapshot(export, full, snapshot_dir(out, epoch_done))
+                        export_snapshot(task.export, full, snapshot_dir(out, epoch_done))
             stopping = _stop_requested(stop, acc)
             if step % t.save_every_steps == 0 or last or stopping:
                 meter.check_finite(acc, state.checkpoints)
@@ -661,10 +580,10 @@ def train(
     if stopping:  # after the progress bar has closed, so that this is the last line printed
         acc.print(f"signal {stopping}: saved step {state.step}; run the same command again to resume")
         raise SystemExit(128 + stopping)
-    if not select_metric or not state.counters.best:
+    if not task.select_metric or not state.counters.best:
         with state.full_model(acc) as full:
             if acc.is_main_process:
-                export(full, out / EXPORT_DIR)
+                task.export(full, out / EXPORT_DIR)
     acc.wait_for_everyone()
     return {"step": state.step, **state.counters.__dict__}
 

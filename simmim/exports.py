@@ -110,7 +110,9 @@ class OpenedModel:
     """A model opened from a path, and what came with it."""
 
     model: nn.Module
-    processor: DeiTImageProcessor  # its preprocessing (ImageNet's normalisation at its size if none was saved)
+    processor: (
+        DeiTImageProcessor  # its preprocessing (ImageNet's normalisation at its size if none was saved)
+    )
     path: Path  # the directory or file the weights were read from
     run_config: PretrainConfig | FinetuneConfig | None = None  # the simmim run that wrote it, when known
     run_dir: Path | None = None
@@ -208,7 +210,9 @@ def open_model(
     if (raw := read_export_config(config_dir)) is not None:
         run_config = config_from_dict(FinetuneConfig if run_kind(raw) == "finetune" else PretrainConfig, raw)
     run_dir = config_dir.parent if (config_dir.parent / RUN_CONFIG).is_file() else None
-    labels = model.config.id2label if hasattr(model, "classifier") or hasattr(model, "cls_classifier") else None
+    labels = (
+        model.config.id2label if hasattr(model, "classifier") or hasattr(model, "cls_classifier") else None
+    )
     return OpenedModel(model, processor, path, run_config, run_dir, labels, info)
 
 

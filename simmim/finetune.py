@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
-from simmim import sharding
 from simmim.config import FinetuneConfig
 from simmim.data import (
     IMAGENET_MEAN,
@@ -30,12 +30,14 @@ from simmim.data import (
     finetune_transform,
 )
 from simmim.data.sources import SubsetSource, balanced_subset, open_split
-from simmim.engine import evaluation_loader, make_accelerator, train
+from simmim.engine import Task, evaluation_loader, train
 from simmim.exports import export_model, logits_of, new_deit, open_classifier, open_init
+from simmim.launch import follow_launcher, make_accelerator
 from simmim.models import MODEL_FOR_HEAD
 from simmim.models.checkpoint import read_state_dict
 from simmim.models.cnn import CNN_CONFIG, build_cnn, read_cnn_config
 from simmim.models.losses import classification_loss
+from simmim.run_log import RunLog
 from simmim.rundir import METRICS_FILE, prepare_output_dir
 
 logger = logging.getLogger("simmim.finetune")
@@ -151,87 +153,89 @@ def evaluate_classifier(model: nn.Module, loader, accelerator, num_classes: int)
     }
 
 
-def run(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Fine-tune; writes checkpoints, logs, `metrics.json` and the best model to `output_dir/export`."""
-    cfg = sharding.follow_launcher(cfg)  # accelerate launch with an FSDP config: train.fsdp=true
-    accelerator = make_accelerator(cfg.train.precision, fsdp=cfg.train.fsdp)
-    set_seed(cfg.seed)
-    d, head = cfg.data, cfg.model.head
-    train_source, val_source = open_split(cfg, d.train_split), open_split(cfg, d.val_split)
-    if not train_source.class_names:
-        raise ValueError(
-            f"data.path={d.path!r} has no class names: fine-tuning needs class folders, a ClassLabel "
-            "column, or integer labels with the class names in an index.json beside the shards (as "
-            "scripts/make_shards.py writes)"
-            if train_source.has_labels
-            else f"data.path={d.path!r} has no labels: fine-tuning needs class folders or a label column"
-        )
-    id2label = dict(enumerate(train_source.class_names))
-    num_classes = len(id2label)
-    if d.label_fraction < 1.0:
-        kept = balanced_subset(train_source.labels(), d.label_fraction, cfg.seed)
-        accelerator.print(
-            f"data.label_fraction={d.label_fraction}: {len(kept)} of {len(train_source)} labelled images "
-            f"(class-balanced, drawn with seed {cfg.seed})"
-        )
-        train_source = SubsetSource(train_source, kept)
+class FinetuneTask(Task):
+    """Fine-tuning for the loop: the student (or CNN), the labelled data, the loss of its head with
+    MixUp/CutMix, top-1 on the held-out split (the metric that picks the exported model)."""
 
-    if head == "cnn":
-        model = build_cnn(cfg.model.arch, num_classes)
-    else:
-        model, _ = build_student(cfg, id2label)
-    prepare_output_dir(cfg, accelerator, model, id2label)
-    teacher = load_teacher(cfg, num_classes).to(accelerator.device) if head == "distill" else None
-    a = cfg.aug
-    train_set = LabeledImageDataset(
-        train_source,
-        finetune_transform(
+    select_metric = "top1"
+    eval_each_epoch = True
+
+    def __init__(self, cfg: FinetuneConfig, accelerator: Accelerator) -> None:
+        self.cfg, self.accelerator, d, head = cfg, accelerator, cfg.data, cfg.model.head
+        train_source, val_source = open_split(cfg, d.train_split), open_split(cfg, d.val_split)
+        if not train_source.class_names:
+            raise ValueError(
+                f"data.path={d.path!r} has no class names: fine-tuning needs class folders, a ClassLabel "
+                "column, or integer labels with the class names in an index.json beside the shards (as "
+                "scripts/make_shards.py writes)"
+                if train_source.has_labels
+                else f"data.path={d.path!r} has no labels: fine-tuning needs class folders or a label column"
+            )
+        self.id2label = dict(enumerate(train_source.class_names))
+        self.num_classes = num_classes = len(self.id2label)
+        if d.label_fraction < 1.0:
+            kept = balanced_subset(train_source.labels(), d.label_fraction, cfg.seed)
+            accelerator.print(
+                f"data.label_fraction={d.label_fraction}: {len(kept)} of {len(train_source)} labelled images "
+                f"(class-balanced, drawn with seed {cfg.seed})"
+            )
+            train_source = SubsetSource(train_source, kept)
+        if head == "cnn":
+            self.model = build_cnn(cfg.model.arch, num_classes)
+        else:
+            self.model, _ = build_student(cfg, self.id2label)
+        prepare_output_dir(cfg, accelerator, self.model, self.id2label)
+        self.teacher = load_teacher(cfg, num_classes).to(accelerator.device) if head == "distill" else None
+        a = cfg.aug
+        transform = finetune_transform(
             cfg.model.image_size,
             rand_augment=a.rand_augment,
             random_erasing=a.random_erasing,
             scale=a.crop_scale,
             mean=d.mean,
             std=d.std,
-        ),
-    )
-    val_set = LabeledImageDataset(val_source, eval_transform(cfg.model.image_size, mean=d.mean, std=d.std))
-    mix = MixUpCutMix(
-        num_classes, mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=a.label_smoothing
-    )
+        )
+        self.train_set = LabeledImageDataset(train_source, transform)
+        self.collate_fn = collate_classification
+        self.val_set = LabeledImageDataset(
+            val_source, eval_transform(cfg.model.image_size, mean=d.mean, std=d.std)
+        )
+        self.mix = MixUpCutMix(
+            num_classes, mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=a.label_smoothing
+        )
 
-    def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # MixUp/CutMix targets go to the class head; the teacher sees the same mixed images.
-        x, targets = mix(batch["pixel_values"], batch["labels"])
+        x, targets = self.mix(batch["pixel_values"], batch["labels"])
+        head = self.cfg.model.head
         if head == "cnn":
             return classification_loss(model(x), targets)
         if head == "cls":
             return model(pixel_values=x, labels=targets).loss
-        d_cfg = cfg.distill
+        d = self.cfg.distill
         return model(
             pixel_values=x,
             labels=targets,
-            teacher_logits=teacher(x),
-            distillation_type=d_cfg.kind,
-            alpha=d_cfg.alpha,
-            tau=d_cfg.tau,
+            teacher_logits=self.teacher(x),
+            distillation_type=d.kind,
+            alpha=d.alpha,
+            tau=d.tau,
         ).loss
 
-    def evaluate(model: nn.Module, step: int, log) -> dict[str, float]:
-        loader = evaluation_loader(val_set, cfg, accelerator, collate_classification)
-        return evaluate_classifier(model, loader, accelerator, num_classes)
+    def evaluate(self, model: nn.Module, step: int, log: RunLog) -> dict[str, float]:
+        loader = evaluation_loader(self.val_set, self.cfg, self.accelerator, collate_classification)
+        return evaluate_classifier(model, loader, self.accelerator, self.num_classes)
 
-    summary = train(
-        cfg,
-        accelerator=accelerator,
-        model=model,
-        train_set=train_set,
-        collate_fn=collate_classification,
-        loss_fn=loss_fn,
-        evaluate=evaluate,
-        export=lambda m, directory: export_model(m, directory, cfg, id2label),
-        select_metric="top1",
-        eval_each_epoch=True,
-    )
+    def export(self, model: nn.Module, directory: Path) -> None:
+        export_model(model, directory, self.cfg, self.id2label)
+
+
+def run(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune; writes checkpoints, logs, `metrics.json` and the best model to `output_dir/export`."""
+    cfg = follow_launcher(cfg)  # accelerate launch with an FSDP config: train.fsdp=true
+    accelerator = make_accelerator(cfg.train.precision, fsdp=cfg.train.fsdp)
+    set_seed(cfg.seed)
+    summary = train(FinetuneTask(cfg, accelerator), cfg)
     if accelerator.is_main_process:
         metrics = {"epochs": summary["history"], "best": summary["best"]}
         (Path(cfg.output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")

@@ -9,9 +9,12 @@ from __future__ import annotations
 import copy
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from simmim.config import DataConfig, OptimConfig, TrainConfig
 
 # Tokens and position tables take no weight decay (DeiT, BEiT, timm's no_weight_decay()).
 NO_DECAY_NAMES = (
@@ -139,3 +142,75 @@ class ModelEma:
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(state_dict)
+
+
+DEFAULT_WARMUP_EPOCHS = 10.0  # optim.warmup_epochs and optim.warmup_steps both unset, map-style data
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Durations turned into optimizer steps once, from the data size and the global batch; a stream
+    (`num_samples` None) has no epochs, and its durations are steps already (train.max_steps)."""
+
+    micro_batches_per_epoch: int | None  # per process, = samples // (batch_size * world_size)
+    steps_per_epoch: int | None  # None: a stream
+    total_steps: int  # where training stops (max_steps cap applied)
+    schedule_steps: int  # where the cosine ends (epochs * steps_per_epoch)
+    warmup_steps: int
+    global_batch: int  # images per optimizer step over all processes and accumulation
+    peak_lr: float
+    min_lr: float
+
+    @classmethod
+    def build(
+        cls,
+        num_samples: int | None,
+        data: DataConfig,
+        optim: OptimConfig,
+        train: TrainConfig,
+        world_size: int,
+    ):
+        global_batch = data.batch_size * world_size * optim.grad_accum_steps
+        lrs = dict(
+            peak_lr=scaled_lr(optim.base_lr, global_batch), min_lr=scaled_lr(optim.min_lr, global_batch)
+        )
+        if num_samples is None:
+            if train.max_steps is None or optim.warmup_epochs is not None:
+                raise ValueError(
+                    "a stream's schedule needs train.max_steps, and warmup in optim.warmup_steps"
+                )
+            steps = train.max_steps
+            return cls(None, None, steps, steps, optim.warmup_steps or 0, global_batch, **lrs)
+        micro = num_samples // (data.batch_size * world_size)
+        steps_per_epoch = micro // optim.grad_accum_steps
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"the training split has {num_samples} images, fewer than one optimizer step needs "
+                f"(data.batch_size={data.batch_size} x {world_size} processes x optim.grad_accum_steps="
+                f"{optim.grad_accum_steps}); lower the batch size or use more data"
+            )
+        schedule_steps = train.epochs * steps_per_epoch
+        total = schedule_steps if train.max_steps is None else min(schedule_steps, train.max_steps)
+        if optim.warmup_steps is not None:
+            warmup = optim.warmup_steps
+        else:
+            warmup_epochs = DEFAULT_WARMUP_EPOCHS if optim.warmup_epochs is None else optim.warmup_epochs
+            warmup = round(warmup_epochs * steps_per_epoch)
+        return cls(micro, steps_per_epoch, total, schedule_steps, warmup, global_batch, **lrs)
+
+    @property
+    def is_stream(self) -> bool:
+        return self.steps_per_epoch is None
+
+    def epoch(self, step: int) -> float | None:
+        """Epochs done after `step` steps (None on a stream)."""
+        return None if self.is_stream else step / self.steps_per_epoch
+
+    def lr(self, step: int) -> float:
+        return lr_at(
+            step,
+            peak_lr=self.peak_lr,
+            total_steps=self.schedule_steps,
+            warmup_steps=self.warmup_steps,
+            min_lr=self.min_lr,
+        )

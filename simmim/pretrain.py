@@ -1,16 +1,18 @@
-"""SimMIM pretraining (Xie et al., 2022) of a DeiT encoder: the data, model, loss and evaluation that
+"""SimMIM pretraining (Xie et al., 2022) of a DeiT encoder: the task (data, model, loss and evaluation) that
 `simmim.engine.train` runs. `scripts/pretrain.py` is the command line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch import nn
 
-from simmim import sharding
 from simmim.config import LossConfig, PretrainConfig
 from simmim.data import (
     LabeledImageDataset,
@@ -20,8 +22,9 @@ from simmim.data import (
     pretrain_transform,
 )
 from simmim.data.sources import open_split, random_subset
-from simmim.engine import evaluation_loader, make_accelerator, train
+from simmim.engine import Task, evaluation_loader, train
 from simmim.exports import export_model, new_deit
+from simmim.launch import follow_launcher, make_accelerator
 from simmim.masking import MaskGenerator
 from simmim.models import DeiTForMaskedImageModeling
 from simmim.models.losses import masked_l1, norm_targets, patch_mask_to_pixels, targets_to_pixels
@@ -70,57 +73,59 @@ def reconstruction_pixels(loss: LossConfig, pixel_values: torch.Tensor, reconstr
     return targets_to_pixels(reconstruction, pixel_values, loss.norm_target_window)
 
 
-def run(cfg: PretrainConfig) -> dict[str, Any]:
-    """Pretrain; writes checkpoints, logs and `output_dir/export`. Returns the engine's summary."""
-    cfg = sharding.follow_launcher(cfg)  # accelerate launch with an FSDP config: train.fsdp=true
-    accelerator = make_accelerator(cfg.train.precision, fsdp=cfg.train.fsdp)
-    set_seed(cfg.seed)
-    d = cfg.data
-    # The data first: a wrong path is reported before the run directory is written.
-    train_source, val_source = open_split(cfg, d.train_split), open_split(cfg, d.val_split)
-    model = build_model(cfg)
-    prepare_output_dir(cfg, accelerator, model)
-    masks = mask_generator(cfg)
-    train_set = MaskedImageDataset(
-        train_source, pretrain_transform(cfg.model.image_size, mean=d.mean, std=d.std), masks
-    )
-    if cfg.train.eval_batches is not None and not val_source.is_streaming:
-        # The periodic evaluation reads train.eval_batches batches: a seeded sample in random order, so that
-        # they (and the TensorBoard grid of the first batch) cover the split, not its first class folder.
-        val_source = random_subset(
-            val_source, cfg.train.eval_batches * d.batch_size, cfg.seed, keep_order=False
+class PretrainTask(Task):
+    """SimMIM pretraining for the loop: the masked-image model, its data, its loss and the held-out masked L1."""
+
+    def __init__(self, cfg: PretrainConfig, accelerator: Accelerator) -> None:
+        self.cfg, self.accelerator, d = cfg, accelerator, cfg.data
+        # The data first: a wrong path is reported before the run directory is written.
+        train_source, val_source = open_split(cfg, d.train_split), open_split(cfg, d.val_split)
+        self.model = build_model(cfg)
+        prepare_output_dir(cfg, accelerator, self.model)
+        masks = mask_generator(cfg)
+        self.train_set = MaskedImageDataset(
+            train_source, pretrain_transform(cfg.model.image_size, mean=d.mean, std=d.std), masks
         )
-    val_set = MaskedImageDataset(
-        val_source, eval_transform(cfg.model.image_size, mean=d.mean, std=d.std), masks
-    )
+        self.collate_fn = collate_pretrain
+        if cfg.train.eval_batches is not None and not val_source.is_streaming:
+            # The periodic evaluation reads train.eval_batches batches: a seeded sample in random order, so
+            # that they (and the TensorBoard grid of the first batch) cover the split, not its first class.
+            val_source = random_subset(
+                val_source, cfg.train.eval_batches * d.batch_size, cfg.seed, keep_order=False
+            )
+        self.val_set = MaskedImageDataset(
+            val_source, eval_transform(cfg.model.image_size, mean=d.mean, std=d.std), masks
+        )
+        self.online_probe = online_probe(cfg) if cfg.train.probe_every_steps else None
+        self.has_probe = self.online_probe is not None
 
-    probe = online_probe(cfg) if cfg.train.probe_every_steps else None
-    p = cfg.model.patch_size
-
-    def loss_fn(model, batch):
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         x, m = batch["pixel_values"], batch["bool_masked_pos"]
         out = model(pixel_values=x, bool_masked_pos=m)
         # The model's own loss is Transformers' (raw pixels); the normalised target is computed here.
-        return simmim_loss(cfg.loss, x, out.reconstruction, m, p) if cfg.loss.norm_target else out.loss
+        loss = self.cfg.loss
+        return (
+            simmim_loss(loss, x, out.reconstruction, m, self.cfg.model.patch_size)
+            if loss.norm_target
+            else out.loss
+        )
 
     @torch.no_grad()
-    def evaluate(model, step: int, log: RunLog) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, step: int, log: RunLog) -> dict[str, float]:
         """Masked L1 on (up to `train.eval_batches` batches of) the held-out split, and a grid of them. With
         loss.norm_target, masked_l1 is still in pixels (comparable with raw-target runs) and
         masked_l1_target is the training loss's."""
-        loader = evaluation_loader(val_set, cfg, accelerator, collate_pretrain)
+        cfg, acc, p = self.cfg, self.accelerator, self.cfg.model.patch_size
+        loader = evaluation_loader(self.val_set, cfg, acc, collate_pretrain)
         # (sum of per-batch pixel loss * images, images, sum of per-batch target loss * images)
-        total = torch.zeros(3, device=accelerator.device)
+        total = torch.zeros(3, device=acc.device)
         for i, batch in enumerate(loader):
             if cfg.train.eval_batches is not None and i == cfg.train.eval_batches:
                 break
             if len(batch["index"]) == 0:
                 continue
-            x, m = (
-                batch["pixel_values"].to(accelerator.device),
-                batch["bool_masked_pos"].to(accelerator.device),
-            )
-            with accelerator.autocast():
+            x, m = batch["pixel_values"].to(acc.device), batch["bool_masked_pos"].to(acc.device)
+            with acc.autocast():
                 out = model(pixel_values=x, bool_masked_pos=m)
             pixels = reconstruction_pixels(cfg.loss, x, out.reconstruction)
             n = float(x.shape[0])
@@ -131,35 +136,32 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
                     simmim_loss(cfg.loss, x, out.reconstruction, m, p) * n,
                 )
             )
-            if i == 0 and accelerator.is_main_process:
-                n = min(GRID_IMAGES, x.shape[0])
+            if i == 0 and acc.is_main_process:
+                k = min(GRID_IMAGES, x.shape[0])
                 grid = reconstruction_grid(
-                    x[:n],
-                    pixels[:n],
-                    m[:n],
-                    patch_size=cfg.model.patch_size,
-                    mean=d.mean,
-                    std=d.std,
+                    x[:k], pixels[:k], m[:k], patch_size=p, mean=cfg.data.mean, std=cfg.data.std
                 )
                 log.image("eval/reconstructions", grid, step)
-        total = accelerator.reduce(total, "sum")
+        total = acc.reduce(total, "sum")
         images = total[1].clamp(min=1)
         metrics = {"masked_l1": (total[0] / images).item()}
         if cfg.loss.norm_target:
             metrics["masked_l1_target"] = (total[2] / images).item()
         return metrics
 
-    return train(
-        cfg,
-        accelerator=accelerator,
-        model=model,
-        train_set=train_set,
-        collate_fn=collate_pretrain,
-        loss_fn=loss_fn,
-        evaluate=evaluate,
-        export=lambda m, directory: export_model(m, directory, cfg),
-        probe=(lambda m: probe(m.deit, bf16=accelerator.mixed_precision == "bf16")) if probe else None,
-    )
+    def export(self, model: nn.Module, directory: Path) -> None:
+        export_model(model, directory, self.cfg)
+
+    def probe(self, model: nn.Module) -> dict[str, float]:
+        return self.online_probe(model.deit, bf16=self.accelerator.mixed_precision == "bf16")
+
+
+def run(cfg: PretrainConfig) -> dict[str, Any]:
+    """Pretrain; writes checkpoints, logs and `output_dir/export`. Returns the engine's summary."""
+    cfg = follow_launcher(cfg)  # accelerate launch with an FSDP config: train.fsdp=true
+    accelerator = make_accelerator(cfg.train.precision, fsdp=cfg.train.fsdp)
+    set_seed(cfg.seed)
+    return train(PretrainTask(cfg, accelerator), cfg)
 
 
 def online_probe(cfg: PretrainConfig) -> OnlineProbe:

@@ -182,5 +182,3 @@ def prepare_output_dir(
             info["id2label"] = {str(k): v for k, v in id2label.items()}
         (out / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
     accelerator.wait_for_everyone()
-
-

@@ -12,8 +12,8 @@ from simmim.config import (
     PretrainConfig,
     config_from_dict,
     config_to_dict,
-    deit_config_kwargs,
     default_num_workers,
+    deit_config_kwargs,
     load_config,
     save_config,
 )

@@ -10,9 +10,9 @@ from torch import nn
 
 from simmim.checkpoints import CheckpointManager
 from simmim.config import DataConfig, OptimConfig, TrainConfig
-from simmim.engine import LossMeter, Schedule, TrainBatches, TrainState, train_step
+from simmim.engine import LossMeter, TrainBatches, TrainState, train_step
 from simmim.errors import NonFiniteLossError
-from simmim.optim import param_groups
+from simmim.optim import Schedule, param_groups
 
 
 def test_schedule_by_hand():
@@ -246,3 +246,60 @@ def test_loader_workers_default_from_the_machine(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert default_num_workers() == 2
     assert DataConfig(num_workers=0).num_workers == 0
+
+
+class ToyTask:
+    """A fake task for `engine.train`, in process: a linear classifier on 8 px synthetic images."""
+
+    select_metric = "top1"
+    eval_each_epoch = True
+    has_probe = False
+
+    def __init__(self, accelerator):
+        from simmim.data import LabeledImageDataset, collate_classification, eval_transform, open_source
+
+        self.accelerator = accelerator
+        source = open_source("synthetic", "train", synthetic_size=64, synthetic_image_size=8)
+        self.train_set = LabeledImageDataset(source, eval_transform(8, mean=(0.5,) * 3, std=(0.5,) * 3))
+        self.collate_fn = collate_classification
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+        self.evaluated, self.exported = [], []
+
+    def loss(self, model, batch):
+        return nn.functional.cross_entropy(model(batch["pixel_values"]), batch["labels"])
+
+    def evaluate(self, model, step, log):
+        self.evaluated.append(step)
+        return {"top1": float(step % 3)}  # best at step 8 (2.0), which the export must hold
+
+    def export(self, model, directory):
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "w.safetensors"))
+        self.exported.append(directory)
+
+    def probe(self, model):
+        return {}
+
+
+def test_the_loop_runs_a_fake_task_in_process(tmp_path):
+    """train(task, cfg) with a task made here: it evaluates every epoch (4 steps of 16 images), exports at
+    each new best evaluation, checkpoints, and a second call on the same output_dir resumes at the end."""
+    from simmim.config import FinetuneConfig
+    from simmim.engine import train
+
+    cfg = FinetuneConfig(
+        output_dir=str(tmp_path), data=DataConfig(path="synthetic", batch_size=16, num_workers=0),
+        optim=OptimConfig(base_lr=0.1, warmup_epochs=0), train=TrainConfig(epochs=3, save_every_steps=4, precision="fp32"),
+    )  # fmt: skip
+    task = ToyTask(Accelerator(cpu=True))
+    summary = train(task, cfg)
+    assert summary["step"] == 12 and task.evaluated == [4, 8, 12]
+    assert summary["best"]["step"] == 8 and summary["best"]["top1"] == 2.0
+    # At each new best (steps 4 and 8), not at the end: the export holds step 8's weights.
+    assert [d.name for d in task.exported] == ["export", "export"]
+    assert (tmp_path / "checkpoints" / "index.json").is_file() and (tmp_path / "log.jsonl").is_file()
+    again = ToyTask(Accelerator(cpu=True))
+    assert train(again, cfg)["step"] == 12 and again.evaluated == []  # resumed at its last step: nothing left

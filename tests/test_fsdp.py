@@ -242,7 +242,7 @@ def pretrain_config(*overrides: str):
 
 
 def test_an_accelerate_fsdp_launch_is_read_as_train_fsdp():
-    from simmim.sharding import follow_launcher
+    from simmim.launch import follow_launcher
 
     plain = pretrain_config()
     assert follow_launcher(plain, {}) is plain  # any other launch: unchanged
@@ -281,7 +281,7 @@ def test_an_accelerate_fsdp_launch_is_read_as_train_fsdp():
     ],
 )
 def test_fsdp_launch_settings_simmim_cannot_follow_are_refused(setting, overrides, message):
-    from simmim.sharding import follow_launcher
+    from simmim.launch import follow_launcher
 
     env = {**ACCELERATE_FSDP, **setting}
     with pytest.raises(ValueError, match=re.escape(message)) as raised:

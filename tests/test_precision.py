@@ -10,7 +10,7 @@ import torch
 
 from simmim import precision
 from simmim.config import PretrainConfig, load_config
-from simmim.engine import make_accelerator
+from simmim.launch import make_accelerator
 from simmim.precision import choose_precision
 
 

@@ -239,7 +239,7 @@ def test_warmup_in_steps_or_epochs_not_both():
         ValueError, match="optim.warmup_steps=5: must not be set with optim.warmup_epochs=1.0"
     ):
         load_config(PretrainConfig, None, ["output_dir=x", "optim.warmup_epochs=1", "optim.warmup_steps=5"])
-    from simmim.engine import Schedule
+    from simmim.optim import Schedule
 
     for warmup, expected in (([], 10 * 8), (["optim.warmup_epochs=0.5"], 4), (["optim.warmup_steps=3"], 3)):
         cfg = load_config(PretrainConfig, None, ["output_dir=x", "data.batch_size=16", *warmup])
