@@ -23,15 +23,15 @@ from simmim.data import (
 )
 from simmim.data.sources import open_split, random_subset
 from simmim.engine import Task, evaluation_loader, train
+from simmim.evaluation.grids import reconstruction_grid
+from simmim.evaluation.probe import OnlineProbe
 from simmim.exports import export_model, new_deit
 from simmim.launch import follow_launcher, make_accelerator
 from simmim.masking import MaskGenerator
 from simmim.models import DeiTForMaskedImageModeling
 from simmim.models.losses import masked_l1, norm_targets, patch_mask_to_pixels, targets_to_pixels
-from simmim.probe import OnlineProbe
 from simmim.run_log import RunLog
 from simmim.rundir import prepare_output_dir
-from simmim.visualize import reconstruction_grid
 
 GRID_IMAGES = 8
 

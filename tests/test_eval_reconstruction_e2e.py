@@ -101,7 +101,7 @@ def test_a_classifier_checkpoint_is_refused_with_exit_code_2(tmp_path):
 
 
 def test_the_grid_shows_a_seeded_sample_spread_over_the_split():
-    from simmim.reconstruction import grid_indices
+    from simmim.evaluation.reconstruction import grid_indices
 
     chosen = grid_indices(3925, 8, seed=0)
     assert chosen.tolist() == sorted(chosen.tolist()) and len(set(chosen.tolist())) == 8
@@ -115,9 +115,9 @@ def test_reconstruction_evaluation_builds_no_autograd_graph_and_grids_the_seeded
     from accelerate import Accelerator
 
     from simmim.data import MaskedImageDataset, eval_transform, open_source
+    from simmim.evaluation.reconstruction import evaluate_reconstruction, grid_indices
     from simmim.masking import MaskGenerator
     from simmim.models import DeiTForMaskedImageModeling
-    from simmim.reconstruction import evaluate_reconstruction, grid_indices
 
     config = tiny_config(num_hidden_layers=1)
     source = open_source("synthetic", "validation", synthetic_image_size=32)  # 128 images

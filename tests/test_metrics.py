@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from simmim.metrics import (
+from simmim.evaluation.metrics import (
     PSNR_CAP,
     masked_l1,
     mean_fill_baseline,

@@ -14,15 +14,7 @@ from helpers import tiny_config
 from test_pretrain_e2e import TINY, final_weights
 
 from simmim.data.sources import SubsetSource, balanced_subset, open_source
-from simmim.exports import config_from_timm
-from simmim.models import (
-    DeiTForImageClassification,
-    DeiTForImageClassificationWithTeacher,
-    DeiTForMaskedImageModeling,
-    DeiTModel,
-)
-from simmim.models.checkpoint import to_timm_state_dict
-from simmim.probe import (
+from simmim.evaluation.probe import (
     default_layers,
     extract_features,
     knn_classify,
@@ -31,6 +23,14 @@ from simmim.probe import (
     load_encoder,
     partial_finetune_probe,
 )
+from simmim.exports import config_from_timm
+from simmim.models import (
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    DeiTForMaskedImageModeling,
+    DeiTModel,
+)
+from simmim.models.checkpoint import to_timm_state_dict
 
 
 def brute_force_knn(bank, bank_labels, queries, num_classes, k, temperature):

@@ -19,15 +19,16 @@ from accelerate.utils import gather_object
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from simmim.config import PretrainConfig
-from simmim.data import MaskedImageDataset, build_loader, collate_pretrain
+from simmim.config import MaskConfig, PretrainConfig
+from simmim.data import MaskedImageDataset, build_loader, collate_pretrain, eval_transform, open_source
+from simmim.evaluation.grids import reconstruction_grid
+from simmim.evaluation.metrics import mean_fill_baseline, reconstruction_metrics
 from simmim.exports import open_model
+from simmim.launch import make_accelerator
 from simmim.masking import MaskGenerator
-from simmim.metrics import mean_fill_baseline, reconstruction_metrics
 from simmim.models import DeiTForMaskedImageModeling
 from simmim.models.losses import targets_to_pixels
 from simmim.rundir import METRICS_FILE
-from simmim.visualize import reconstruction_grid
 
 METRICS = ("masked_l1", "masked_mse", "masked_psnr", "visible_l1", "visible_psnr")
 BASELINE_METRICS = ("masked_l1", "masked_mse", "masked_psnr")
@@ -148,7 +149,8 @@ def evaluate_reconstruction(
     summary: dict[str, Any] = {k: mean_of(k) for k in METRICS}
     summary["num_images"] = len(rows)
     summary["reconstruction_space"] = (
-        "pixels" if norm_target_window is None
+        "pixels"
+        if norm_target_window is None
         else f"pixels (normalised-target predictions mapped back with each image's {norm_target_window}-px "
         "window statistics)"
     )
@@ -196,3 +198,73 @@ def mask_generator_for(
         model_patch_size=patch_size,
         mask_ratio=mask_ratio,
     )
+
+
+def evaluate_checkpoint(args: Any) -> dict[str, Any]:
+    """scripts/eval_reconstruction.py's run: `args` are its parsed arguments; writes `args.out` and returns
+    the summary. Mask settings default to the run's (its config), else to `MaskConfig`'s."""
+    ckpt = load_masked_image_model(args.checkpoint)  # NotMaskedImageModelError is a ValueError: exit 2
+    run = ckpt.run_cfg
+    config = ckpt.model.config
+    image_size = args.image_size or config.image_hw[0]
+    mask_ratio = (
+        args.mask_ratio if args.mask_ratio is not None else (run.mask.ratio if run else MaskConfig().ratio)
+    )
+    mask_patch = args.mask_patch_size or (run.mask.patch_size if run else MaskConfig().patch_size)
+    # Raises a ValueError naming the values when the sizes do not fit together.
+    masks = mask_generator_for(image_size, config.patch_size, mask_patch, mask_ratio)
+
+    # Without --split: the validation split, or every image when the source has none (val_fraction 0).
+    synthetic_size = run.data.synthetic_size if run else 1024  # the run's held-out synthetic images
+    # A split carved from a one-split source uses the run's seed and fraction, so it is the run's held-out part.
+    carve_seed, carve_fraction = (run.seed, run.data.val_fraction) if run else (0, 0.05)
+    source = open_source(
+        args.data,
+        args.split or "validation",
+        val_fraction=carve_fraction if args.split else 0.0,
+        seed=carve_seed,
+        synthetic_size=synthetic_size,
+        synthetic_image_size=image_size,
+    )
+    dataset = MaskedImageDataset(source, eval_transform(image_size, mean=ckpt.mean, std=ckpt.std), masks)
+
+    accelerator = make_accelerator()
+    summary, rows, grid = evaluate_reconstruction(
+        ckpt.model,
+        dataset,
+        accelerator=accelerator,
+        mean=ckpt.mean,
+        std=ckpt.std,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        num_grid_images=args.num_images,
+        bf16=args.bf16,
+        num_workers=args.num_workers,
+        norm_target_window=run.loss.norm_target_window if run and run.loss.norm_target else None,
+    )
+    summary.update(
+        checkpoint=str(args.checkpoint),
+        data=args.data,
+        split=source.split,
+        image_size=image_size,
+        mask_ratio=mask_ratio,
+        mask_patch_size=mask_patch,
+        seed=args.seed,
+    )
+    if accelerator.is_main_process:
+        out = Path(args.out)
+        write_outputs(out, summary, rows, grid)
+        tb = tensorboard_dir(out, ckpt.run_dir)
+        if tb is not None and grid is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            with SummaryWriter(str(tb)) as writer:
+                writer.add_image("eval_reconstruction/grid", grid, 0)
+        base = summary["baselines"]
+        print(
+            f"{summary['num_images']} images: masked L1 {summary['masked_l1']:.4f} "
+            f"(mean fill {base['mean_fill']['masked_l1']:.4f}, random init {base['random_init']['masked_l1']:.4f}), "
+            f"masked PSNR {summary['masked_psnr']:.2f} dB (mean fill {base['mean_fill']['masked_psnr']:.2f}, "
+            f"random init {base['random_init']['masked_psnr']:.2f}); wrote {out}"
+        )
+    return summary
