@@ -81,9 +81,10 @@ def sync_check(config: DeiTConfig, batch: int, device: str) -> dict:
     it makes, after two warm-up steps (which allocate the optimizer state)."""
     from accelerate import Accelerator
 
+    from simmim.batches import TrainBatches
     from simmim.checkpoints import CheckpointManager
     from simmim.config import DataConfig, OptimConfig, TrainConfig
-    from simmim.engine import LossMeter, TrainBatches, TrainState, train_step
+    from simmim.engine import LossMeter, TrainState, train_step
     from simmim.optim import Schedule, param_groups
 
     acc = Accelerator(mixed_precision="bf16", cpu=device != "cuda")

@@ -31,6 +31,7 @@ from simmim.config import (
     save_config,
 )
 from simmim.data import IMAGENET_MEAN, IMAGENET_STD
+from simmim.data.sources import open_split
 from simmim.models import MODEL_FOR_HEAD, DeiTConfig, DeiTImageProcessor, DeiTModel, DeiTPreTrainedModel
 from simmim.models.checkpoint import read_state_dict
 from simmim.models.cnn import CNN_CONFIG, build_cnn, load_cnn, save_cnn
@@ -92,8 +93,6 @@ def _new_model_of(run: Run) -> tuple[nn.Module, dict[int, str] | None]:
     labels from the dataset and its architecture from its init checkpoint, both of which must still exist."""
     if run.kind != "finetune" or "id2label" in run.info:
         return run.new_model(), run.id2label
-    from simmim.data.sources import open_split  # the dataset layer, needed only for such old runs
-
     cfg = run.config
     id2label = dict(enumerate(open_split(cfg, cfg.data.train_split).class_names))
     if cfg.model.head == "cnn":

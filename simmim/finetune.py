@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
+from simmim.batches import evaluation_loader
 from simmim.config import FinetuneConfig
 from simmim.data import (
     IMAGENET_MEAN,
@@ -30,7 +31,7 @@ from simmim.data import (
     finetune_transform,
 )
 from simmim.data.sources import SubsetSource, balanced_subset, open_split
-from simmim.engine import Task, evaluation_loader, train
+from simmim.engine import Task, train
 from simmim.exports import export_model, logits_of, new_deit, open_classifier, open_init
 from simmim.launch import follow_launcher, make_accelerator
 from simmim.models import MODEL_FOR_HEAD

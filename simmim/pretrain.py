@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
+from simmim.batches import evaluation_loader
 from simmim.config import LossConfig, PretrainConfig
 from simmim.data import (
     LabeledImageDataset,
@@ -22,7 +23,7 @@ from simmim.data import (
     pretrain_transform,
 )
 from simmim.data.sources import open_split, random_subset
-from simmim.engine import Task, evaluation_loader, train
+from simmim.engine import Task, train
 from simmim.evaluation.grids import reconstruction_grid
 from simmim.evaluation.probe import OnlineProbe
 from simmim.exports import export_model, new_deit

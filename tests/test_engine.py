@@ -8,9 +8,10 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from simmim.batches import TrainBatches
 from simmim.checkpoints import CheckpointManager
 from simmim.config import DataConfig, OptimConfig, TrainConfig
-from simmim.engine import LossMeter, TrainBatches, TrainState, train_step
+from simmim.engine import LossMeter, TrainState, train_step
 from simmim.errors import NonFiniteLossError
 from simmim.optim import Schedule, param_groups
 

@@ -17,16 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image
 
 from simmim.data.decoding import IMAGE_EXTENSIONS, decode_image
+from simmim.data.source_base import ImageSource, Sample, carve_split
 from simmim.data.streams import DatasetShards, FolderShards, StreamSource, data_files
-from simmim.data.synthetic import SYNTHETIC_CLASSES, pixel_grid, render_synthetic_image
+from simmim.data.subsets import SubsetSource, balanced_subset, holdout_split, random_subset
+from simmim.data.synthetic import SyntheticSource
+
+__all__ = [  # the sources' interface and the subsets, read from here by the rest of simmim
+    "ImageSource", "Sample", "SubsetSource", "balanced_subset", "carve_split", "holdout_split", "open_source",
+    "open_split", "random_subset",
+]  # fmt: skip
 
 logger = logging.getLogger("simmim.data")
-
-Sample = tuple[Image.Image | None, int, str]
 
 # names a requested split may be found under, in order of preference
 _SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "val", "valid", "test")}
@@ -34,54 +37,6 @@ _IMAGE_COLUMNS = ("image", "img")
 _LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target", "cls")  # cls: webdataset's `.cls`
 _SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
 _HF_DATA_SUFFIXES = (".parquet", ".arrow", ".csv", ".json", ".jsonl", ".py", ".tar", ".zip")
-
-
-class ImageSource:
-    """The interface every source implements. Map-style sources have `__len__` and `__getitem__`;
-    streaming sources have neither and are iterated with `stream()`.
-
-    Attributes:
-        split: the split asked for ("train", "validation", ...).
-        class_names: names of the classes in label order, or None when unknown or unlabelled.
-        has_labels: whether labels are real class indices (False: every label is -1).
-        is_streaming: whether the source can only be iterated.
-    """
-
-    split: str
-    class_names: list[str] | None = None
-    has_labels: bool = True
-    is_streaming: bool = False
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-    def load(self, index: int, decode_size: int | None = None) -> Sample:
-        """Sample `index`; `decode_size` lets JPEGs decode at a reduced size (see `decode_image`)."""
-        raise NotImplementedError
-
-    def labels(self) -> np.ndarray:
-        """(N,) int64 class index of every sample (-1 when unlabelled), read without decoding any image."""
-        raise NotImplementedError
-
-    def __getitem__(self, index: int) -> Sample:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for a source of {len(self)} images")
-        return self.load(index % len(self))
-
-    def __repr__(self) -> str:
-        size = "streaming" if self.is_streaming else f"{len(self)} images"
-        classes = "unlabelled" if not self.has_labels else f"{len(self.class_names or [])} classes"
-        return f"{type(self).__name__}(split={self.split!r}, {size}, {classes})"
-
-
-def carve_split(num_items: int, part: str, val_fraction: float, seed: int) -> np.ndarray:
-    """Sorted indices of the `part` ("train" or "validation") of a reproducible random train/val split."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction {val_fraction} is outside (0, 1)")
-    num_val = min(max(1, round(val_fraction * num_items)), num_items - 1)
-    permutation = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed)).numpy()
-    chosen = permutation[:num_val] if part == "validation" else permutation[num_val:]
-    return np.sort(chosen)
 
 
 def _resolve_split(split: str, available: list[str]) -> tuple[str, str | None]:
@@ -484,84 +439,6 @@ def _open_huggingface(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# synthetic
-
-
-class SyntheticSource(ImageSource):
-    """`render_synthetic_image` for `num_images` indices; train and validation use different seed streams."""
-
-    def __init__(self, num_images: int, image_size: int, seed: int, split: str) -> None:
-        self.num_images = num_images
-        self.image_size = image_size
-        self.seed = seed
-        self.split = split
-        self.stream_id = 0 if split == "train" else 1
-        self.class_names = list(SYNTHETIC_CLASSES)
-        self.grid = pixel_grid(image_size)
-
-    def __len__(self) -> int:
-        return self.num_images
-
-    def labels(self) -> np.ndarray:
-        return np.arange(self.num_images, dtype=np.int64) % len(SYNTHETIC_CLASSES)
-
-    def load(self, index: int, decode_size: int | None = None) -> Sample:
-        label = index % len(SYNTHETIC_CLASSES)  # balanced classes, also in small validation sets
-        rng = np.random.default_rng((self.seed, self.stream_id, index))
-        pixels = render_synthetic_image(label, rng, self.grid)  # (S, S, 3) uint8
-        return Image.fromarray(pixels, mode="RGB"), label, f"synthetic:{self.split}[{index}]"
-
-
-class SubsetSource(ImageSource):
-    """The samples `indices` of a map-style source, in that order."""
-
-    def __init__(self, source: ImageSource, indices: np.ndarray) -> None:
-        self.source = source
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.split = source.split
-        self.class_names = source.class_names
-        self.has_labels = source.has_labels
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def labels(self) -> np.ndarray:
-        return self.source.labels()[self.indices]
-
-    def load(self, index: int, decode_size: int | None = None) -> Sample:
-        return self.source.load(int(self.indices[index]), decode_size)
-
-
-def random_subset(source: ImageSource, count: int | None, seed: int, keep_order: bool = True) -> ImageSource:
-    """`count` samples of a map-style source drawn with `seed` (all when None or more than it has); in the
-    source's order, or with `keep_order=False` in the drawn (random) order, the whole source shuffled too."""
-    if keep_order and (count is None or count >= len(source)):
-        return source
-    chosen = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:count].numpy()
-    return SubsetSource(source, np.sort(chosen) if keep_order else chosen)
-
-
-def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Sorted indices of `fraction` of each class's samples (at least one per class), drawn with `seed`.
-
-    Every class keeps round(fraction * its count) samples, so the subset has the split's class balance,
-    and a smaller fraction's subset is part of a larger one's for the same seed (the same permutation).
-    """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"label fraction {fraction} is outside (0, 1]")
-    if (labels < 0).any():
-        raise ValueError("a class-balanced subset needs labelled samples; this split has unlabelled ones")
-    generator = torch.Generator().manual_seed(seed)
-    chosen = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        keep = min(len(members), max(1, round(fraction * len(members))))
-        order = torch.randperm(len(members), generator=generator).numpy()
-        chosen.append(members[order[:keep]])
-    return np.sort(np.concatenate(chosen))
-
-
-# ----------------------------------------------------------------------------------------------------------
 
 
 def open_source(
@@ -638,14 +515,6 @@ def open_source(
 def _looks_local(path: str) -> bool:
     """Whether a path that does not exist was meant as a local one rather than a Hub name ("org/name")."""
     return path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
-
-
-def holdout_split(source: ImageSource, part: str, fraction: float, seed: int) -> ImageSource:
-    """`part` ("train" or "validation") of a map-style source with `fraction` of it held out by `seed`:
-    the two parts are disjoint and together the whole source."""
-    if source.is_streaming:
-        raise ValueError("data.holdout_from_train=true needs a map-style source, not data.streaming=true")
-    return SubsetSource(source, carve_split(len(source), part, fraction, seed))
 
 
 def open_split(cfg: Any, split: str) -> ImageSource:

@@ -14,6 +14,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from PIL import Image
+
+from simmim.data.source_base import ImageSource, Sample
 
 SYNTHETIC_CLASSES = (
     "disc",
@@ -109,3 +112,28 @@ def render_synthetic_image(
     coverage = _object_mask(label, u, v, rng)[..., None]  # (S, S, 1)
     image = background * (1.0 - coverage) + np.clip(foreground * shade, 0, 1) * coverage
     return (image * 255.0 + 0.5).astype(np.uint8)
+
+
+class SyntheticSource(ImageSource):
+    """`render_synthetic_image` for `num_images` indices; train and validation use different seed streams."""
+
+    def __init__(self, num_images: int, image_size: int, seed: int, split: str) -> None:
+        self.num_images = num_images
+        self.image_size = image_size
+        self.seed = seed
+        self.split = split
+        self.stream_id = 0 if split == "train" else 1
+        self.class_names = list(SYNTHETIC_CLASSES)
+        self.grid = pixel_grid(image_size)
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def labels(self) -> np.ndarray:
+        return np.arange(self.num_images, dtype=np.int64) % len(SYNTHETIC_CLASSES)
+
+    def load(self, index: int, decode_size: int | None = None) -> Sample:
+        label = index % len(SYNTHETIC_CLASSES)  # balanced classes, also in small validation sets
+        rng = np.random.default_rng((self.seed, self.stream_id, index))
+        pixels = render_synthetic_image(label, rng, self.grid)  # (S, S, 3) uint8
+        return Image.fromarray(pixels, mode="RGB"), label, f"synthetic:{self.split}[{index}]"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from simmim.models import checkpoint as checkpoint_format
+import simmim.models.checkpoint as checkpoint_format
 from simmim.models.configuration import DeiTConfig
 from simmim.models.losses import classification_loss, distillation_loss, masked_l1, patch_mask_to_pixels
 from simmim.models.position import NUM_PREFIX_TOKENS, resize_position_embeddings

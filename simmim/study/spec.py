@@ -11,7 +11,7 @@ import yaml
 
 from simmim.config import PretrainConfig, load_config
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 STAGE_RECORD = "study_stage.json"  # in a stage's directory: {"done": bool, "seconds": wall time so far}
 INITS = ("scratch", "simmim")
 HEADS = ("cls", "distill")
