@@ -157,6 +157,20 @@ def make_step(
     return step
 
 
+def interleaved_times(
+    steps_of: dict[str, Callable[[], float]], warmup: int, steps: int
+) -> dict[str, list[float]]:
+    """Each variant's step time over `steps` rounds after `warmup`, every round running every variant once,
+    so that drift in the machine's speed hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps_of}
+    for round_index in range(warmup + steps):
+        for name, step in steps_of.items():
+            seconds = step()
+            if round_index >= warmup:
+                times[name].append(seconds)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -217,12 +231,7 @@ def compare_with_transformers(args: argparse.Namespace) -> None:
         name: make_step(ours if is_ours else theirs, x, mask, dtype, args.device)
         for name, is_ours, dtype in VARIANTS
     }
-    times: dict[str, list[float]] = {name: [] for name in steps_of}
-    for round_index in range(warmup + steps):
-        for name, step in steps_of.items():
-            seconds = step()
-            if round_index >= warmup:
-                times[name].append(seconds)
+    times = interleaved_times(steps_of, warmup, steps)
 
     device_name = (
         torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
@@ -284,7 +293,9 @@ def time_study_model(args: argparse.Namespace) -> None:
     precisions = [("fp32", None), ("bf16", torch.bfloat16)]
     if args.device == "cpu" and not {"avx512_bf16", "amx_bf16"} & cpu_flags():
         precisions = precisions[:1]
-        print("\nno bf16 rows for the study's model: this CPU has neither avx512_bf16 nor AMX (bf16 is emulated)")
+        print(
+            "\nno bf16 rows for the study's model: this CPU has neither avx512_bf16 nor AMX (bf16 is emulated)"
+        )
     for compiled in (False, True) if args.compile else (False,):
         for label, dtype in precisions:
             torch.manual_seed(0)
@@ -295,12 +306,7 @@ def time_study_model(args: argparse.Namespace) -> None:
             steps_of[name] = make_step(model, x, mask, dtype, args.device)
             if compiled:  # the first step compiles: timed on its own
                 compile_seconds[name] = steps_of[name]()
-    times: dict[str, list[float]] = {name: [] for name in steps_of}
-    for round_index in range(warmup + steps):
-        for name, step in steps_of.items():
-            seconds = step()
-            if round_index >= warmup:
-                times[name].append(seconds)
+    times = interleaved_times(steps_of, warmup, steps)
     print(
         f"\nThe CPU study's model (6 blocks, 192 wide, 64 px, patch 8), batch {batch}: "
         f"{flops / batch / 1e9:.3f} GFLOP per image; {warmup} warm-up + {steps} timed rounds"

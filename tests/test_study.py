@@ -202,12 +202,13 @@ def test_report_numbers_are_the_runs_own(study):
     assert curve[2]["probe"]["knn"]["last"] == probe["encoder"]["knn"][last]["top1"]
 
     table = (out / "results.md").read_text()
-    assert "Partial" not in table
+    assert "**Partial:" not in table  # every stage ran
     (row,) = [line for line in table.splitlines() if line.startswith("| Scratch -> cls | scratch | cls |")]
     assert f"| {mean:.2f} ± {std:.2f} (n=2: {scratch[0]:.2f}, {scratch[1]:.2f}) |" in row
     assert "| simmim_distill | simmim | distill |" in table  # label defaults to the name
     assert f"{gap['gap']:+.2f}" in table and "| **total** |" in table and "no goal set" in table
     assert "kNN probe, encoder − random init" in table and "simmim vs scratch" in table
+    assert "Partial fine-tune probe, encoder − random init" in table and "Partial fine-tune top-1 |" in table
     for png in ("label_efficiency.png", "pretraining_length.png", "pretraining.png", "probe/probe.png",
                 "reconstruction/reconstructions.png"):  # fmt: skip
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

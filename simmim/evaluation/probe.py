@@ -283,6 +283,23 @@ def linear_probe(
         torch.set_num_threads(threads)
 
 
+def train_cosine(optimizer, loss_of, n: int, epochs: int, batch_size: int, lr: float, generator) -> None:
+    """`epochs` passes over `n` samples in batches of `batch_size` (shuffled by `generator`), the lr on a
+    cosine from `lr` to 0; `loss_of(indices)` is the batch's loss, or None to skip the batch."""
+    total, step = epochs * math.ceil(n / batch_size), 0
+    for _ in range(epochs):
+        for idx in torch.randperm(n, generator=generator).split(batch_size):
+            for g in optimizer.param_groups:
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            loss = loss_of(idx)
+            if loss is None:
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+
+
 def _train_linear(
     train_feats, train_labels, val_feats, val_labels, num_classes, epochs, batch_size, lr, seed
 ):
@@ -293,23 +310,10 @@ def _train_linear(
         head[1].weight.normal_(0, 0.01, generator=generator)
         head[1].bias.zero_()
     optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
-    n = train_feats.shape[0]
-    steps_per_epoch = math.ceil(n / batch_size)
-    total = epochs * steps_per_epoch
-    step = 0
     head.train()
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
-        for idx in order.split(batch_size):
-            if len(idx) < 2:  # BatchNorm needs two samples
-                continue
-            for g in optimizer.param_groups:
-                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            loss = F.cross_entropy(head(train_feats[idx]), train_labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
+    # BatchNorm needs two samples: a last batch of one is skipped.
+    loss_of = lambda idx: F.cross_entropy(head(train_feats[idx]), train_labels[idx]) if len(idx) > 1 else None  # noqa: E731
+    train_cosine(optimizer, loss_of, train_feats.shape[0], epochs, batch_size, lr, generator)
     head.eval()
     with torch.no_grad():
         top1, top5 = _topk_hits(head(val_feats), val_labels, 5)
@@ -357,17 +361,8 @@ def partial_finetune_probe(
         x, _ = block(tokens, False)  # (B, prefix + P, D)
         return head(norm(x)[:, prefix:].mean(1))  # (B, classes)
 
-    n = train_tokens.shape[0]
-    total, step = epochs * math.ceil(n / batch_size), 0
-    for _ in range(epochs):
-        for idx in torch.randperm(n, generator=generator).split(batch_size):
-            for g in optimizer.param_groups:
-                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            loss = F.cross_entropy(logits_of(train_tokens[idx]), train_labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
+    loss_of = lambda idx: F.cross_entropy(logits_of(train_tokens[idx]), train_labels[idx])  # noqa: E731
+    train_cosine(optimizer, loss_of, train_tokens.shape[0], epochs, batch_size, lr, generator)
     modules.eval()
     with torch.no_grad():
         val_scores = torch.cat([logits_of(t) for t in val_tokens.split(batch_size)])
