@@ -619,7 +619,7 @@ def train(
     acc, out, t = accelerator, Path(cfg.output_dir), cfg.train
     state = TrainState.start(cfg, model, acc, None if train_set.source.is_streaming else len(train_set))
     schedule, model = state.schedule, state.model
-    log = RunLog(out, acc.is_main_process, resume_step=state.step)
+    log = RunLog(out, acc.is_main_process, resume_step=state.step, report_to=t.report_to, config=cfg)
     log_run_header(log, state, acc, t.precision)
     batches = TrainBatches.of_run(train_set, collate_fn, cfg, state, acc)
     meter = LossMeter(acc.device)
