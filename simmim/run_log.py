@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from accelerate.tracking import (
     LOGGER_TYPE_TO_CLASS,
     GeneralTracker,
@@ -108,6 +109,7 @@ class RunLog:
         self.trackers: list[GeneralTracker] = []
         if not enabled:
             return
+        out.mkdir(parents=True, exist_ok=True)
         if self.path.is_file():  # a previous attempt: keep what the resumed state has seen
             kept = [
                 line
@@ -119,6 +121,8 @@ class RunLog:
         # A run that restarts from step 0 (killed before its first checkpoint) starts new tracker runs.
         runs = json.loads(runs_path.read_text()) if resume_step > 0 and runs_path.is_file() else {}
         hyperparameters = flat_hyperparameters(config) if config is not None else None
+        if names:
+            PartialState()  # accelerate's trackers log through its state: the Accelerator's, or one process's
         for name in names:
             tracker = _new_tracker(name, out, resume_step, runs.get(name))
             tracker.start()
@@ -130,7 +134,6 @@ class RunLog:
                 runs[name] = {"id": run_id, **_store(name)}
             self.trackers.append(tracker)
         if runs:
-            out.mkdir(parents=True, exist_ok=True)
             runs_path.write_text(json.dumps(runs, indent=1) + "\n")
 
     def write(self, step: int, values: dict[str, Any], kind: str = "train") -> None:
@@ -190,7 +193,6 @@ def _new_tracker(name: str, out: Path, resume_step: int, previous: dict | None) 
         if "WANDB_NAME" not in os.environ:
             kwargs["name"] = out.name
         if "WANDB_DIR" not in os.environ:
-            out.mkdir(parents=True, exist_ok=True)
             kwargs["dir"] = str(out)
         if previous is not None:
             kwargs |= dict(id=previous["id"], resume="allow")
