@@ -172,6 +172,10 @@ class RunLog:
 
     def close(self) -> None:
         for tracker in self.trackers:
+            if tracker.name == "mlflow":  # log_image uploads in the background, and end_run does not wait
+                import mlflow
+
+                getattr(mlflow, "flush_artifact_async_logging", lambda: None)()
             tracker.finish()
         self.trackers = []
 

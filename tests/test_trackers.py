@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import json
 import struct
+import time
 import typing
 
 import pytest
@@ -176,6 +177,17 @@ def _wandb_records(run_dir):
             yield record
 
 
+def _finished_wandb_records(run_dir, timeout_s: float = 30.0) -> list:
+    """The records once the run's exit is among them: wandb-core writes the file a moment after finish()
+    returns (the run's process would wait for it at exit)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = list(_wandb_records(run_dir))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
 def test_wandb_offline_run_under_output_dir(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -189,7 +201,7 @@ def test_wandb_offline_run_under_output_dir(tmp_path, monkeypatch):
     run_id = json.loads((out / "trackers.json").read_text())["wandb"]["id"]
     (run_dir,) = (out / "wandb").glob(f"offline-run-*-{run_id}")
     history, config = {}, {}
-    for record in _wandb_records(run_dir):
+    for record in _finished_wandb_records(run_dir):
         if record.WhichOneof("record_type") == "history":
             items = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item}
             history[record.history.step.num] = items
@@ -211,7 +223,7 @@ def test_wandb_offline_run_under_output_dir(tmp_path, monkeypatch):
     log.close()
     assert json.loads((out / "trackers.json").read_text())["wandb"]["id"] == run_id
     (_, resumed) = sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))
-    records = list(_wandb_records(resumed))
+    records = _finished_wandb_records(resumed)
     assert not any(
         r.WhichOneof("record_type") == "config" and r.config.update[0].key == "extra" for r in records
     )
