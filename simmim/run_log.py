@@ -34,7 +34,8 @@ TRACKER_PACKAGES = {
     "swanlab": "swanlab",
     "trackio": "trackio",
 }
-# In output_dir: the tracker runs a resumed run continues ({"mlflow": {"run_id": ...}, "wandb": {"id": ...}}).
+# In output_dir: the tracker runs that a resumed run continues,
+# {"mlflow": {"id": ..., "store": tracking URI}, "wandb": {"id": ...}}.
 TRACKER_RUNS = "trackers.json"
 
 
