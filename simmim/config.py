@@ -247,6 +247,14 @@ class OptimConfig:
                "(optim.warmup_epochs=null unsets a recipe's)")  # fmt: skip
 
 
+# accelerate's experiment trackers (accelerate.tracking.LOGGER_TYPE_TO_CLASS), and "none" for log.jsonl only;
+# one may be given alone, as a string (train.report_to=mlflow).
+Tracker = Literal[
+    "tensorboard", "mlflow", "wandb", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio", "none"
+]
+Trackers = Annotated[tuple[Tracker, ...], BeforeValidator(lambda v: (v,) if isinstance(v, str) else v)]
+
+
 @dataclass(frozen=True, config=_STRICT_KEYS)
 class TrainConfig:
     """Duration, checkpointing, logging and evaluation cadence (in optimizer steps)."""
@@ -261,6 +269,15 @@ class TrainConfig:
     save_every_steps: Int = Field(1000, gt=0)
     keep_last: Int = Field(2, gt=0)
     log_every_steps: Int = Field(50, gt=0)
+    # The names are checked here; whether a tracker's package is installed, where the run starts (RunLog in
+    # simmim/run_log.py): a run's saved config.yaml must stay readable where that package is not installed.
+    report_to: Trackers = Field(
+        ("tensorboard",),
+        description="experiment trackers that get the logged scalars and images (main process), through "
+        "accelerate; tensorboard writes output_dir/tb, mlflow output_dir/mlruns unless MLFLOW_TRACKING_URI is "
+        'set, wandb output_dir/wandb (WANDB_MODE=offline: no account); "none" or [] = output_dir/log.jsonl '
+        "only, which every run writes",
+    )
     eval_every_steps: Int | None = Field(
         None,
         gt=0,
@@ -316,6 +333,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(all(e <= self.epochs for e in self.snapshot_epochs), "snapshot_epochs", self.snapshot_epochs,
                f"be epochs of the run (<= train.epochs={self.epochs})")  # fmt: skip
+        _check("none" not in self.report_to or len(self.report_to) == 1, "report_to", list(self.report_to),
+               'be "none" alone, or trackers without "none"')  # fmt: skip
         _check(not (self.fsdp and self.precision == "fp16"), "precision", self.precision,
                "not be used with train.fsdp=true: fp16's gradient scaler does not reach the sharded "
                "optimizer; use bf16")  # fmt: skip

@@ -395,7 +395,7 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
     acc, out, t, train_set = task.accelerator, Path(cfg.output_dir), cfg.train, task.train_set
     state = TrainState.start(cfg, task.model, acc, None if train_set.source.is_streaming else len(train_set))
     schedule, model = state.schedule, state.model
-    log = RunLog(out, acc.is_main_process, resume_step=state.step)
+    log = RunLog(out, acc.is_main_process, resume_step=state.step, report_to=t.report_to, config=cfg)
     log_run_header(log, state, acc, t.precision)
     batches = TrainBatches.of_run(train_set, task.collate_fn, cfg, state, acc)
     meter = LossMeter(acc.device)

@@ -10,7 +10,8 @@ back. Nothing else in simmim spells these names.
             step_00000100/        accelerate's state (model.safetensors, optimizer.bin, random_states_*.pkl),
                                   trainer_state.json, ema.safetensors, stream_position_<rank>.json, and
                                   under train.fsdp each process's model/optimizer/EMA shards
-        log.jsonl, tb/        the run log (simmim.run_log)
+        log.jsonl, tb/        the run log and TensorBoard's events (simmim.run_log); with train.report_to,
+                              mlruns/ (MLflow), wandb/ (W&B) and trackers.json (their runs, to continue)
         export/               the model: a Transformers-format directory (config.json, model.safetensors)
                               or a CNN export, with preprocessor_config.json and the run config (EXPORT_CONFIG)
         snapshots/epoch_N/    exports along the way (train.snapshot_epochs)
@@ -45,6 +46,9 @@ RUN_CONFIG = "config.yaml"
 RUN_INFO = "run.json"
 LOG_FILE = "log.jsonl"
 TENSORBOARD_DIR = "tb"
+MLFLOW_DIR = "mlruns"  # train.report_to=mlflow's file store, unless MLFLOW_TRACKING_URI says otherwise
+# The tracker runs a resumed run continues: {"mlflow": {"id": ..., "store": tracking URI}, "wandb": {"id": ...}}.
+TRACKER_RUNS = "trackers.json"
 EXPORT_DIR = "export"
 SNAPSHOTS_DIR = "snapshots"
 METRICS_FILE = "metrics.json"  # fine-tuning's evaluations; also what every evaluation script writes
