@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from simmim.cli import run_main
 from simmim.data import open_source
 from simmim.data.decoding import decode_image
-from simmim.data.sources import FolderSource
+from simmim.data.sources import SHARD_INDEX, FolderSource
 
 
 def _member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
@@ -130,7 +130,7 @@ def main() -> int:
               "images skipped", file=sys.stderr)  # fmt: skip
     tmp = args.out / "index.json.tmp"
     tmp.write_text(json.dumps(index, indent=2) + "\n")
-    os.replace(tmp, args.out / "index.json")
+    os.replace(tmp, args.out / SHARD_INDEX)
     return 0
 
 

@@ -13,9 +13,11 @@ import argparse
 import shlex
 import sys
 
-from simmim.study import StageFailed, describe_comparisons, load_spec, plan, run_study, write_report
+from simmim.cli import run_main
+from simmim.study import describe_comparisons, load_spec, plan, run_study, write_report
 
-if __name__ == "__main__":
+
+def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -27,11 +29,7 @@ if __name__ == "__main__":
     parser.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages (no report)")
     args = parser.parse_args()
 
-    try:
-        spec = load_spec(args.spec, args.out)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    spec = load_spec(args.spec, args.out)  # a bad spec: one line, exit code 2 (simmim.cli)
     if args.dry_run:
         for stage in plan(spec):
             state = "done" if stage.record["done"] else "to run"
@@ -40,21 +38,22 @@ if __name__ == "__main__":
             print(f"{stage.name} ({state}): scripts/{stage.script} {shlex.join(stage.args)}")
         for line in describe_comparisons(spec):
             print(f"comparison: {line}")
-        sys.exit(0)
+        return 0
     if args.report:
         print(write_report(spec))
-        sys.exit(0)
+        return 0
     names = {stage.name for stage in plan(spec)}
     unknown = sorted(set(args.only or ()) - names)
     if unknown:
-        print(f"error: --only {unknown}: no such stage (stages: {sorted(names)})", file=sys.stderr)
-        sys.exit(2)
-    try:
+        raise ValueError(f"--only {unknown}: no such stage (stages: {sorted(names)})")
+    try:  # a failed stage: one line, exit code 1 (simmim.errors.StageFailed)
         report = run_study(spec, shlex.split(args.launcher) if args.launcher else None, args.only)
-        print(f"\nwrote {report}" if report else f"\nran {', '.join(args.only)}")
-    except StageFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     except KeyboardInterrupt:
         print("stopped: run the same command again to resume", file=sys.stderr)
-        sys.exit(130)
+        return 130
+    print(f"\nwrote {report}" if report else f"\nran {', '.join(args.only)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -7,3 +7,7 @@ from __future__ import annotations
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the last intact checkpoint."""
+
+
+class StageFailed(RuntimeError):
+    """A study's stage (one of the scripts) exited with an error; the message names it and its log."""

@@ -36,6 +36,7 @@ _SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "val", "vali
 _IMAGE_COLUMNS = ("image", "img")
 _LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target", "cls")  # cls: webdataset's `.cls`
 _SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+SHARD_INDEX = "index.json"  # beside shards: class names and shard sizes (scripts/make_shards.py)
 _HF_DATA_SUFFIXES = (".parquet", ".arrow", ".csv", ".json", ".jsonl", ".py", ".tar", ".zip")
 
 
@@ -342,7 +343,7 @@ def _stream_source(
 def _shard_index(directory: str) -> dict[str, Any]:
     """The `index.json` that `scripts/make_shards.py` writes beside its shards (class names, examples per
     shard), or {} when there is none or it cannot be read."""
-    index = os.path.join(directory, "index.json")
+    index = os.path.join(directory, SHARD_INDEX)
     try:
         content = json.loads(Path(index).read_text()) if os.path.isfile(index) else {}
     except (OSError, ValueError):

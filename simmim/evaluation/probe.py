@@ -49,6 +49,7 @@ KNN_K = 20
 KNN_TEMPERATURE = 0.07  # DINO's
 POOLS = ("avg", "cls")
 PROBES = ("knn", "linear", "partial")
+PLOT_FILE = "probe.png"  # top-1 by block, beside metrics.json
 
 
 # ---------------------------------------------------------------------------------------------- encoders
@@ -521,9 +522,9 @@ def probe_checkpoint(args: Any) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     try:
-        plot_probe(metrics, out / "probe.png")
+        plot_probe(metrics, out / PLOT_FILE)
     except ImportError:
-        print("probe.png not drawn: matplotlib is missing (pip install 'simmim[study]')")
+        print(f"{PLOT_FILE} not drawn: matplotlib is missing (pip install 'simmim[study]')")
     for which in models:
         for probe in args.probes:
             row = ", ".join(f"block {k} {v['top1']:.2f}" for k, v in metrics[which][probe].items())

@@ -21,10 +21,11 @@ A finished stage is skipped; an interrupted one resumes from its newest checkpoi
 runs again (the scripts resume from their output_dir). `scripts/study.py` is the command line.
 """
 
+from simmim.errors import StageFailed
 from simmim.study.fairness import describe_comparisons
 from simmim.study.plan import load_spec, plan
 from simmim.study.report import write_report
-from simmim.study.runner import StageFailed, run_study
+from simmim.study.runner import run_study
 from simmim.study.spec import StudySpec
 
 __all__ = [

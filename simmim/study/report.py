@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from simmim.evaluation.probe import PLOT_FILE
 from simmim.rundir import LOG_FILE, METRICS_FILE
 from simmim.study.fairness import chosen_candidate, describe_comparisons, final_top1
 from simmim.study.plan import plan
@@ -332,8 +333,8 @@ def _figures(spec: StudySpec, r: dict[str, Any], out: Path) -> list[str]:
     if (out / "pretrain" / LOG_FILE).is_file():
         plot_pretraining(out / "pretrain", out / "pretraining.png")
         figures.append("![pretraining loss](pretraining.png)")
-    if (out / "probe" / "probe.png").is_file():
-        figures.append("![probe top-1 by block](probe/probe.png)")
+    if (out / "probe" / PLOT_FILE).is_file():
+        figures.append(f"![probe top-1 by block](probe/{PLOT_FILE})")
     return figures
 
 

@@ -11,14 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from simmim.errors import StageFailed
 from simmim.study.fairness import describe_comparisons
 from simmim.study.plan import Stage, plan
 from simmim.study.report import write_report
 from simmim.study.spec import SCRIPTS, STAGE_RECORD, StudySpec
-
-
-class StageFailed(RuntimeError):
-    pass
 
 
 def run_stage(stage: Stage, launcher: list[str]) -> float:
