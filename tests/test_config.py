@@ -229,3 +229,17 @@ def test_help_lists_every_key_and_exits_0(capsys):
     for section in ("data", "model", "optim", "train", "distill", "teacher", "aug"):
         for f in dataclasses.fields(getattr(FinetuneConfig(output_dir="x"), section)):
             assert f"  {section}.{f.name}: " in out
+
+
+def test_a_recipe_whose_anchors_expand_without_bound_is_refused(tmp_path):
+    """"Billion laughs": nine anchors of nine aliases each would be 9^9 nodes once walked. Refused by the
+    expanded size of its composed graph, before anything is built; a recipe with a few anchors loads."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"recipe .*bomb.yaml.*: its anchors and aliases expand to \d+ YAML nodes"):
+        load_config(PretrainConfig, bomb, ["output_dir=x"])
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("output_dir: x\nmodel: {image_size: &s 32, patch_size: 8}\nmask: {patch_size: *s}\n")
+    assert load_config(PretrainConfig, shared).mask.patch_size == 32

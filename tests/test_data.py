@@ -93,6 +93,20 @@ def test_broken_file_is_skipped_with_a_warning_naming_it(tmp_path, caplog, kind)
     assert str(path) in caplog.text and "row[3]" in caplog.text
 
 
+def test_a_decompression_bomb_is_skipped_before_it_is_decoded(tmp_path, caplog, monkeypatch):
+    """An image past PIL's pixel limit (a small file that decodes huge) is skipped with a warning, also
+    between the limit and twice it, where PIL itself would only warn and decode it."""
+    path = tmp_path / "bomb.png"
+    Image.new("L", (60, 50)).save(path)  # 3,000 pixels, all zero: a tiny file
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 3,000 is past the limit and below twice it
+    with caplog.at_level(logging.WARNING, logger="simmim.data"):
+        assert decode_image(path, str(path)) is None
+        assert decode_image(path.read_bytes(), "row[7]") is None
+    assert "60x50 pixels, past PIL's limit of 2000" in caplog.text and "row[7]" in caplog.text
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)
+    assert decode_image(path, str(path)).size == (60, 50)  # at the limit: decoded
+
+
 def _palette_image() -> Image.Image:
     image = Image.new("P", (4, 4), 1)
     image.putpalette([0, 0, 0, 10, 20, 30])

@@ -65,6 +65,20 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGBX
 
 
+class DecompressionBomb(ValueError):
+    """An image with more pixels than PIL's limit (Image.MAX_IMAGE_PIXELS)."""
+
+
+def check_pixel_limit(image: Image.Image) -> None:
+    """Refuse an image past PIL's pixel limit before it is decoded. PIL itself only warns between the limit
+    and twice it (and refuses above), but a few such images decoded at once by the loader's workers can
+    take the machine's memory: every one is skipped and counted instead."""
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = image.size
+    if limit is not None and width * height > limit:
+        raise DecompressionBomb(f"{width}x{height} pixels, past PIL's limit of {limit} (Image.MAX_IMAGE_PIXELS)")
+
+
 def decode_image(
     data: bytes | str | os.PathLike | dict | Image.Image | None,
     name: str,
@@ -88,6 +102,7 @@ def decode_image(
             image = data.copy()  # exif_transpose below works in place
         else:
             image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+            check_pixel_limit(image)  # before decoding: a bomb is a small file that decodes huge
             if decode_size is not None and image.format == "JPEG":
                 image.draft(image.mode, (decode_size, decode_size))
             image.load()  # decode now so that truncated files fail here, not inside a transform

@@ -7,9 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from simmim.config import PretrainConfig, load_config
+from simmim.config import PretrainConfig, load_config, read_yaml
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 STAGE_RECORD = "study_stage.json"  # in a stage's directory: {"done": bool, "seconds": wall time so far}
@@ -165,7 +163,7 @@ def read_spec(path: str | Path, output_dir: str | None = None) -> StudySpec:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"study file {str(path)!r} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path.read_text(), f"study file {str(path)!r}") or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of study keys")
     _keys(raw, set(StudySpec.__dataclass_fields__), str(path))
