@@ -98,8 +98,11 @@ class CheckpointManager:
                 os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
-            index = self.index()
-            names = [n for n in index["checkpoints"] if n != name] + [name]
+            try:
+                previous = self.index()["checkpoints"]
+            except (OSError, ValueError, KeyError):  # a damaged index: the checkpoints on disk, by step
+                previous = sorted(p.name for p in self.dir.glob("step_*") if p.is_dir())
+            names = [n for n in previous if n != name] + [name]
             stale, names = names[: -self.keep_last], names[-self.keep_last :]
             _write_json_atomic(self.index_file, {"latest": name, "checkpoints": names})
             for old in stale:

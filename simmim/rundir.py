@@ -22,13 +22,16 @@ back. Nothing else in simmim spells these names.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from accelerate import Accelerator
+from safetensors import safe_open
 from torch import nn
 
 from simmim.config import (
@@ -41,6 +44,8 @@ from simmim.config import (
 )
 from simmim.models import MODEL_FOR_HEAD, DeiTConfig
 from simmim.models.cnn import build_cnn
+
+logger = logging.getLogger("simmim")
 
 RUN_CONFIG = "config.yaml"
 RUN_INFO = "run.json"
@@ -90,9 +95,67 @@ def read_index(output_dir: str | Path) -> dict[str, Any]:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run directory, or None."""
-    name = read_index(output_dir)["latest"]
-    return Path(output_dir) / CHECKPOINTS_DIR / name if name else None
+    """The newest intact checkpoint of a run directory, or None before the first save.
+
+    The index names the newest first; one that is missing or damaged on disk (`checkpoint_problem`) is
+    passed over with a warning naming it, for the one before it. An unreadable index falls back to the
+    step_* directories themselves. When checkpoints exist and none is intact, `DamagedCheckpointError`:
+    a run must never start again from random weights by mistake."""
+    directory = Path(output_dir) / CHECKPOINTS_DIR
+    try:
+        index = read_index(output_dir)
+        names = list(index["checkpoints"]) or ([index["latest"]] if index["latest"] else [])
+        if index["latest"] and index["latest"] not in names:
+            names.append(index["latest"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        logger.warning("%s is unreadable (%s): looking at the checkpoint directories themselves",
+                       directory / CHECKPOINT_INDEX, e)  # fmt: skip
+        names = sorted(p.name for p in directory.glob("step_*") if p.is_dir())
+    problems = []
+    for name in reversed(names):  # newest first
+        problem = checkpoint_problem(directory / name)
+        if problem is None:
+            if problems:
+                logger.warning("passing over %s; resuming from %s", "; ".join(problems), directory / name)
+            return directory / name
+        problems.append(f"{directory / name}: {problem}")
+    if problems:
+        raise DamagedCheckpointError(
+            f"no intact checkpoint in {directory} ({'; '.join(problems)}): move the directory away to start "
+            "the run again from the beginning"
+        )
+    return None
+
+
+class DamagedCheckpointError(ValueError):
+    """Every checkpoint a run directory names is missing or damaged."""
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """What is wrong with a training checkpoint on disk, or None when it looks intact: the directory
+    missing, its trainer state unreadable, a safetensors file truncated or corrupt (its header must cover
+    the file exactly), or a torch file (the optimizer, the RNG states) whose zip archive fails its CRCs."""
+    if not checkpoint.is_dir():
+        return "it does not exist"
+    try:
+        json.loads((checkpoint / TRAINER_STATE).read_text())
+    except (OSError, ValueError) as e:
+        return f"{TRAINER_STATE} is unreadable ({type(e).__name__})"
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for any damage
+            return f"{file.name} is damaged ({' '.join(str(e).split())})"
+    for file in sorted([*checkpoint.glob("*.bin"), *checkpoint.glob("*.pkl")]):
+        try:
+            with zipfile.ZipFile(file) as archive:
+                bad = archive.testzip()
+        except (OSError, zipfile.BadZipFile) as e:
+            return f"{file.name} is damaged ({e})"
+        if bad is not None:
+            return f"{file.name} is damaged (its member {bad} fails its CRC)"
+    return None
 
 
 def holds_shards(checkpoint: Path) -> bool:

@@ -304,3 +304,45 @@ def test_the_loop_runs_a_fake_task_in_process(tmp_path):
     assert (tmp_path / "checkpoints" / "index.json").is_file() and (tmp_path / "log.jsonl").is_file()
     again = ToyTask(Accelerator(cpu=True))
     assert train(again, cfg)["step"] == 12 and again.evaluated == []  # resumed at its last step: nothing left
+
+
+def test_a_damaged_checkpoint_is_passed_over_for_the_one_before_it(tmp_path, caplog):
+    """A truncated safetensors file, an index naming a missing step, an unreadable index: resume from the
+    newest intact checkpoint with a warning naming the bad one, and end with the same weights as the
+    uninterrupted run; with no intact checkpoint, one line and no training from random weights."""
+    import logging
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from simmim.config import FinetuneConfig
+    from simmim.engine import train
+    from simmim.rundir import DamagedCheckpointError, latest_checkpoint
+
+    cfg = FinetuneConfig(
+        output_dir=str(tmp_path), data=DataConfig(path="synthetic", batch_size=16, num_workers=0),
+        optim=OptimConfig(base_lr=0.1, warmup_epochs=0),
+        train=TrainConfig(epochs=3, save_every_steps=4, keep_last=3, precision="fp32"),
+    )  # fmt: skip
+    train(ToyTask(Accelerator(cpu=True)), cfg)
+    checkpoints = tmp_path / "checkpoints"
+    # Copied: load_file's tensors can share the file's memory map, which the truncation below would change.
+    final = {k: v.clone() for k, v in load_file(str(checkpoints / "step_00000012" / "model.safetensors")).items()}
+    weights = checkpoints / "step_00000012" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # truncated by a full disk or a killed copy
+    with caplog.at_level(logging.WARNING, logger="simmim"):
+        assert latest_checkpoint(tmp_path) == checkpoints / "step_00000008"
+    assert "step_00000012: model.safetensors is damaged" in caplog.text
+    assert train(ToyTask(Accelerator(cpu=True)), cfg)["step"] == 12  # steps 9-12 again, from step 8
+    again = load_file(str(checkpoints / "step_00000012" / "model.safetensors"))
+    assert all(torch.equal(final[k], again[k]) for k in final)
+
+    shutil.rmtree(checkpoints / "step_00000012")  # the index still names it
+    assert latest_checkpoint(tmp_path) == checkpoints / "step_00000008"
+    (checkpoints / "index.json").write_text("{not json")
+    assert latest_checkpoint(tmp_path) == checkpoints / "step_00000008"  # from the directories
+    for step in ("00000004", "00000008"):
+        (checkpoints / f"step_{step}" / "trainer_state.json").write_text("")
+    with pytest.raises(DamagedCheckpointError, match=r"no intact checkpoint in .*checkpoints \(.*step_00000008: "
+                       r"trainer_state.json is unreadable"):  # fmt: skip
+        train(ToyTask(Accelerator(cpu=True)), cfg)
