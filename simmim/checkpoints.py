@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from simmim.errors import CheckpointWriteError
 from simmim.rundir import (
     ACCELERATE_WEIGHTS,
     CHECKPOINT_INDEX,
@@ -72,7 +73,33 @@ class CheckpointManager:
     ) -> Path:
         """Save the full training state at `step` (every process must call this). `own`: this process's
         JSON files, by name (saved as `own_file_name(name, process_index)`); `write_shards(directory)`
-        writes this process's shards of a sharded model and optimizer (`simmim.sharding.save`)."""
+        writes this process's shards of a sharded model and optimizer (`simmim.sharding.save`).
+
+        A write that fails (a full disk, a permission, an I/O error) raises `CheckpointWriteError` naming the
+        checkpoint that is still intact: everything goes to `.tmp-step_N` first and is renamed once
+        complete, and the index changes last, atomically, so the previous checkpoint and index stay as they
+        were. (With several processes, a failure on one of them alone is not agreed on: the others wait in
+        the next collective.)"""
+        try:
+            return self._write(step, trainer_state, tensors, own, write_shards)
+        except OSError as e:
+            shutil.rmtree(self.dir / f".tmp-{checkpoint_name(step)}", ignore_errors=True)
+            try:
+                intact = latest_checkpoint(self.dir.parent)
+            except ValueError:
+                intact = None
+            kept = f"{intact} is intact" if intact is not None else "no earlier checkpoint exists"
+            reason = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+            raise CheckpointWriteError(f"saving step {step} failed ({reason}); {kept}") from e
+
+    def _write(
+        self,
+        step: int,
+        trainer_state: dict[str, Any],
+        tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+        own: dict[str, Any] | None = None,
+        write_shards: Callable[[Path], None] | None = None,
+    ) -> Path:
         acc = self.accelerator
         name = checkpoint_name(step)
         final, tmp = self.dir / name, self.dir / f".tmp-{name}"

@@ -23,11 +23,11 @@ import yaml
 from simmim.config import load_config
 from simmim.config_fields import bounds, type_name
 from simmim.data.decoding import BadImageError
-from simmim.errors import NonFiniteLossError, StageFailed
+from simmim.errors import CheckpointWriteError, NonFiniteLossError, StageFailed
 
 T = TypeVar("T")
 USAGE_ERRORS = (ValueError, OSError, yaml.YAMLError)  # OSError: missing, unreadable or misplaced files
-RUN_ERRORS = (NonFiniteLossError, BadImageError, StageFailed)
+RUN_ERRORS = (NonFiniteLossError, BadImageError, StageFailed, CheckpointWriteError)
 
 
 def error_line(e: BaseException) -> str:

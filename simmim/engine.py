@@ -30,7 +30,7 @@ from simmim.checkpoints import CheckpointManager
 from simmim.compilation import choose_compile, keep_cache_with_run
 from simmim.config import DataConfig, OptimConfig, TrainConfig
 from simmim.data import BadImageError, check_bad_fraction
-from simmim.errors import NonFiniteLossError
+from simmim.errors import CheckpointWriteError, NonFiniteLossError
 from simmim.optim import ModelEma, Schedule, param_groups, set_lr
 from simmim.precision import choose_precision
 from simmim.run_log import RunLog
@@ -434,7 +434,7 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
                 meter.check_finite(acc, state.checkpoints)
                 # A save closes the logging window too: the checkpoint's counters hold every image so far.
                 close_window(meter, state, acc, cfg.data)
-                state.save(batches.stream_position())
+                save_or_warn(state, batches, log, final=last or bool(stopping))
             if stopping:
                 break
     log.close()
@@ -447,6 +447,20 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
                 task.export(full, out / EXPORT_DIR)
     acc.wait_for_everyone()
     return {"step": state.step, **state.counters.__dict__}
+
+
+def save_or_warn(state: TrainState, batches: TrainBatches, log: RunLog, final: bool) -> None:
+    """Save a checkpoint. A periodic save that fails (a full disk, say) warns and training goes on: the
+    previous checkpoint is intact, the work since it is what a kill would lose, and the next save may
+    find room again. The last save of a run (or of a stop signal) that fails stops it with one line
+    naming the intact checkpoint: ending without it would lose the run's end silently."""
+    try:
+        state.save(batches.stream_position())
+    except CheckpointWriteError as e:
+        if final:
+            raise
+        log.write(state.step, {"error": str(e)}, kind="save_failed")
+        state.checkpoints.accelerator.print(f"warning: {e}; training goes on, the next save tries again")
 
 
 def evaluation_cadence(t: TrainConfig, schedule: Schedule, by_epoch: bool) -> int:

@@ -11,3 +11,7 @@ class NonFiniteLossError(RuntimeError):
 
 class StageFailed(RuntimeError):
     """A study's stage (one of the scripts) exited with an error; the message names it and its log."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a permission); the message names the intact one."""

@@ -278,7 +278,9 @@ class ToyTask:
         from safetensors.torch import save_file
 
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "w.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "w.safetensors")
+        )
         self.exported.append(directory)
 
     def probe(self, model):
@@ -327,7 +329,9 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_one_before_it(tmp_path, cap
     train(ToyTask(Accelerator(cpu=True)), cfg)
     checkpoints = tmp_path / "checkpoints"
     # Copied: load_file's tensors can share the file's memory map, which the truncation below would change.
-    final = {k: v.clone() for k, v in load_file(str(checkpoints / "step_00000012" / "model.safetensors")).items()}
+    final = {
+        k: v.clone() for k, v in load_file(str(checkpoints / "step_00000012" / "model.safetensors")).items()
+    }
     weights = checkpoints / "step_00000012" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])  # truncated by a full disk or a killed copy
     with caplog.at_level(logging.WARNING, logger="simmim"):
@@ -346,3 +350,78 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_one_before_it(tmp_path, cap
     with pytest.raises(DamagedCheckpointError, match=r"no intact checkpoint in .*checkpoints \(.*step_00000008: "
                        r"trainer_state.json is unreadable"):  # fmt: skip
         train(ToyTask(Accelerator(cpu=True)), cfg)
+
+
+@pytest.mark.parametrize("stage", ["accelerate_state", "ema_tensors", "trainer_state", "rename", "index"])
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch, stage):
+    """A write that fails at any stage of a save (the disk full): a periodic save warns and training goes
+    on with the previous checkpoint and index intact; a failed last save stops the run with one line naming
+    the intact checkpoint."""
+    import errno
+    import json
+    import os
+
+    import simmim.checkpoints as checkpoints_module
+    from simmim.config import FinetuneConfig
+    from simmim.engine import train
+    from simmim.errors import CheckpointWriteError
+    from simmim.rundir import checkpoint_problem, latest_checkpoint
+
+    failing = {"step": None}  # the step whose save fails
+    full = OSError(errno.ENOSPC, "No space left on device", "checkpoints")
+
+    def check(path) -> None:  # fails the write of the failing step's checkpoint (its path names the step)
+        if failing["step"] is not None and f"step_{failing['step']:08d}" in str(path):
+            raise full
+
+    if stage == "accelerate_state":
+        original = Accelerator.save_state
+        monkeypatch.setattr(
+            Accelerator, "save_state", lambda self, d, **k: (check(d), original(self, d, **k))[1]
+        )
+    elif stage == "ema_tensors":
+        original_save_file = checkpoints_module.save_file
+        monkeypatch.setattr(
+            checkpoints_module, "save_file", lambda t, f, **k: (check(f), original_save_file(t, f, **k))[1]
+        )
+    elif stage in ("trainer_state", "index"):
+        original_json = checkpoints_module._write_json_atomic
+        name = "trainer_state.json" if stage == "trainer_state" else "index.json"
+
+        def write_json(path, obj):
+            if path.name == name:  # the index names the step it is about to make the latest
+                check(path if stage == "trainer_state" else obj["latest"])
+            return original_json(path, obj)
+
+        monkeypatch.setattr(checkpoints_module, "_write_json_atomic", write_json)
+    else:  # the rename of .tmp-step_N to step_N
+        original_replace = os.replace
+
+        def replace(src, dst):
+            if ".tmp-step_" in str(src):
+                check(dst)
+            return original_replace(src, dst)
+
+        monkeypatch.setattr(checkpoints_module.os, "replace", replace)
+
+    cfg = FinetuneConfig(
+        output_dir=str(tmp_path), data=DataConfig(path="synthetic", batch_size=16, num_workers=0),
+        optim=OptimConfig(base_lr=0.1, warmup_epochs=0),
+        train=TrainConfig(epochs=3, save_every_steps=4, keep_last=3, precision="fp32", ema=0.9),
+    )  # fmt: skip
+    failing["step"] = 8  # a periodic save: warned, and training goes on
+    assert train(ToyTask(Accelerator(cpu=True)), cfg)["step"] == 12
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["kind"] == "save_failed"] == [8]
+    assert "step_00000004 is intact" in next(r["error"] for r in log if r["kind"] == "save_failed")
+    assert checkpoint_problem(latest_checkpoint(tmp_path)) is None
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+    failing["step"] = 16  # the last save of a longer run fails: one line, the run stops, step 12 intact
+    longer = FinetuneConfig(**{**cfg.__dict__, "train": TrainConfig(epochs=4, save_every_steps=4, keep_last=3,
+                                                                     precision="fp32", ema=0.9)})  # fmt: skip
+    with pytest.raises(CheckpointWriteError, match=r"saving step 16 failed \(No space left on device: "
+                       r"checkpoints\); .*step_00000012 is intact"):  # fmt: skip
+        train(ToyTask(Accelerator(cpu=True)), longer)
+    assert latest_checkpoint(tmp_path).name == "step_00000012"
+    assert checkpoint_problem(latest_checkpoint(tmp_path)) is None
