@@ -15,7 +15,7 @@ PACKAGE = ROOT / "simmim"
 # (simmim.data, simmim.models, simmim.evaluation, simmim.study), without a cycle.
 LAYERS = [
     ["simmim.models"],
-    ["simmim.errors", "simmim.config_fields", "simmim.precision", "simmim.masking"],
+    ["simmim.errors", "simmim.config_fields", "simmim.bounded_yaml", "simmim.precision", "simmim.masking"],
     ["simmim.config"],
     ["simmim.data"],
     ["simmim.rundir", "simmim.optim", "simmim.launch"],

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simmim.config import PretrainConfig, load_config, read_yaml
+from simmim.bounded_yaml import read_yaml
+from simmim.config import PretrainConfig, load_config
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 STAGE_RECORD = "study_stage.json"  # in a stage's directory: {"done": bool, "seconds": wall time so far}
