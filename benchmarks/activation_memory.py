@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from simmim.config import VARIANTS
 from simmim.models import DeiTConfig, DeiTForMaskedImageModeling
+from simmim.models.configuration import VARIANTS
 
 
 def peak_rss_mib() -> float:

@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 
 from simmim import sharding
-from simmim.config import VARIANTS
 from simmim.models import DeiTConfig, DeiTForMaskedImageModeling
+from simmim.models.configuration import VARIANTS
 from simmim.optim import param_groups
 
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from train_step import fixed_mask
 
-from simmim.config import VARIANTS
 from simmim.models import DeiTConfig, DeiTForMaskedImageModeling
+from simmim.models.configuration import VARIANTS
 
 PEAK_TFLOPS = 790.0  # dense bf16 measured on an H200 (about 989 on paper for the H100)
 # (variant, batch per step): the batch is the same for both libraries
@@ -84,7 +84,8 @@ def sync_check(config: DeiTConfig, batch: int, device: str) -> dict:
     from simmim.batches import TrainBatches
     from simmim.checkpoints import CheckpointManager
     from simmim.config import DataConfig, OptimConfig, TrainConfig
-    from simmim.engine import LossMeter, TrainState, train_step
+    from simmim.engine import TrainState, train_step
+    from simmim.meter import LossMeter
     from simmim.optim import Schedule, param_groups
 
     acc = Accelerator(mixed_precision="bf16", cpu=device != "cuda")

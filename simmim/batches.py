@@ -111,7 +111,9 @@ class TrainBatches:
     def of_run(cls, train_set, collate_fn: Callable, cfg: Any, state: Any, acc: Accelerator):
         fallback = lambda: fallback_batch(train_set, cfg, collate_fn, acc.device)  # noqa: E731
         if not state.schedule.is_stream:
-            batches = micro_batches(train_set, collate_fn, cfg, state.schedule, state.step, acc)
+            # After a rollback the data runs ahead of the step by the batches it skipped (engine.roll_back).
+            data_step = state.step + state.counters.data_offset
+            batches = micro_batches(train_set, collate_fn, cfg, state.schedule, data_step, acc)
             return cls(batches, acc.device, fallback)
         # One loader for the whole run, each of its workers reading pass after pass, placed where the
         # checkpoint's loader state says (simmim.data.loader._StreamedItems).

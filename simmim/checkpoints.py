@@ -63,6 +63,13 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         return latest_checkpoint(self.dir.parent)
 
+    def intact(self) -> str:
+        """What an error that stops a run says of its checkpoints."""
+        latest = self.latest()
+        if latest is None:
+            return "no checkpoint had been saved yet"
+        return f"the last good checkpoint ({latest}) is intact: run the same command again to resume from it"
+
     def save(
         self,
         step: int,

@@ -23,17 +23,9 @@ from pydantic.dataclasses import dataclass
 from simmim.bounded_yaml import read_yaml
 from simmim.config_fields import field_at, one_line_error, type_name
 from simmim.models import DeiTConfig
+from simmim.models.configuration import VARIANTS
 
 T = TypeVar("T")
-
-VARIANTS: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),
-    "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    # ViT-L/16 and ViT-H/14 sizes (Dosovitskiy et al. 2021); ViT-H's patch 14 is the recipe's model.patch_size.
-    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-    "huge": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120),
-}
 
 # PyYAML follows YAML 1.1, which reads "1e-4" (no dot) as a string; float fields accept such numbers.
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -319,6 +311,18 @@ class TrainConfig:
         "with bf16, a CPU with AMX or avx512_bf16) or accelerate launch's --mixed_precision bf16|fp16, fp32 "
         'elsewhere; "launcher" = accelerate launch\'s --mixed_precision (fp32 without)',
     )
+    on_nonfinite: Literal["auto", "stop", "rollback"] = Field(
+        "auto",
+        description="a non-finite loss (or a spike): stop naming the intact checkpoint, or roll back to it, "
+        'skip the batches that led there and go on; "auto" = rollback for runs of 1,000 steps or more',
+    )
+    spike_factor: Float | None = Field(
+        None, gt=1, description="a logged loss above this many times its running mean counts as a failure"
+    )
+    rollback_skip_batches: Int = Field(
+        200, ge=0, description="optimizer steps of batches skipped after a rollback, at least (PaLM: 200-500)"
+    )
+    max_rollbacks: Int = Field(3, ge=0, description="rollbacks allowed before the run stops")
     snapshot_epochs: tuple[Annotated[Int, Field(gt=0)], ...] = Field(
         (),
         description="pretraining: also export the model after these epochs to "

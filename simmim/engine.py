@@ -31,6 +31,7 @@ from simmim.compilation import choose_compile, keep_cache_with_run
 from simmim.config import DataConfig, OptimConfig, TrainConfig
 from simmim.data import BadImageError, check_bad_fraction
 from simmim.errors import CheckpointWriteError, NonFiniteLossError
+from simmim.meter import LossMeter
 from simmim.optim import ModelEma, Schedule, param_groups, set_lr
 from simmim.precision import choose_precision
 from simmim.run_log import RunLog
@@ -88,6 +89,11 @@ class Counters:
     images_skipped: int = 0
     best: dict[str, Any] = field(default_factory=dict)  # e.g. {"top1": 81.2, "step": 1200, "ema": False}
     history: list[dict[str, Any]] = field(default_factory=list)  # evaluation records
+    # Rollbacks after a non-finite loss or a spike: each one's record, and the optimizer steps' worth of
+    # batches skipped so far (map-style data is read from step + data_offset on).
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)
+    data_offset: int = 0
+    loss_mean: float | None = None  # the running mean of the logged loss, that a spike is measured against
 
 
 class StopSignal:
@@ -119,56 +125,6 @@ def export_snapshot(export: Callable[[nn.Module, Path], None], model: nn.Module,
     if directory.exists():
         shutil.rmtree(directory)
     tmp.rename(directory)
-
-
-class LossMeter:
-    """The loss and image counts of the current logging window, kept on the device: the step never waits
-    for a read-back, which happens only when the window is closed (`.item()`)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.loss_sum = torch.zeros((), device=self.device)
-        # The first step whose loss was not finite, -1 while none was: checked at each log, eval and save.
-        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
-        self.micro_batches = self.images = self.skipped = 0
-        self.data_wait = 0.0  # seconds the loop waited for the loader in this window
-        self.start = time.perf_counter()
-
-    def add(self, loss: torch.Tensor, images: int, step: int) -> None:
-        """One readable micro-batch of `images` images and its (detached) loss."""
-        self.loss_sum += loss
-        self.first_bad_step = torch.where(
-            (self.first_bad_step < 0) & ~torch.isfinite(loss),
-            torch.full_like(self.first_bad_step, step),
-            self.first_bad_step,
-        )
-        self.micro_batches += 1
-        self.images += images
-
-    def check_finite(self, acc: Accelerator, checkpoints: CheckpointManager) -> None:
-        """Stop (every process) if any process saw a non-finite loss, naming the last good checkpoint."""
-        bad = self.first_bad_step.clone()
-        bad = int(acc.reduce(bad, "max").item()) if acc.num_processes > 1 else int(bad.item())
-        if bad >= 0:
-            raise NonFiniteLossError(
-                f"the loss became non-finite at step {bad}; {intact(checkpoints)}. "
-                "Lower optim.base_lr or enable optim.clip_grad."
-            )
-
-    def close_window(self, acc: Accelerator) -> tuple[int, int, float, float, float]:
-        """(images, skipped images, mean loss, seconds, seconds waiting for the loader) of the window over all
-        processes (the wait: the slowest process's); starts a new one."""
-        seen = acc.reduce(torch.tensor([self.images, self.skipped], device=self.device), "sum")
-        mean_loss = acc.reduce(self.loss_sum, "mean").item() / max(self.micro_batches, 1)
-        wait = self.data_wait
-        if acc.num_processes > 1:
-            wait = acc.reduce(torch.tensor(wait, device=self.device), "max").item()
-        seconds = time.perf_counter() - self.start
-        self.loss_sum.zero_()
-        self.micro_batches = self.images = self.skipped = 0
-        self.data_wait = 0.0
-        self.start = time.perf_counter()
-        return int(seen[0]), int(seen[1]), mean_loss, seconds, wait
 
 
 @dataclass
@@ -227,15 +183,8 @@ class TrainState:
         state = cls(schedule, model, optimizer, ema, checkpoints, unsharded=unsharded, compiled=compiled)
         latest = state.checkpoints.latest()
         if latest is not None:
-            saved, path = state.checkpoints.load(latest)
-            state.step, state.counters = saved["step"], Counters(**saved["counters"])
-            if unsharded is not None:
-                sharding.load(model, optimizer, path, acc.process_index, ema)
-            if schedule.is_stream:
-                state.stream_position = read_stream_position(path, cfg.data.num_workers, acc)
-            if isinstance(ema, ModelEma):
-                ema.load_state_dict(state.checkpoints.load_tensors(path, EMA_WEIGHTS))
-            acc.print(f"resuming from {path} at step {state.step}/{schedule.total_steps}")
+            state.restore(latest, cfg, acc)
+            acc.print(f"resuming from {latest} at step {state.step}/{schedule.total_steps}")
         size = (
             "a stream of training images"
             if schedule.is_stream
@@ -246,6 +195,18 @@ class TrainState:
             f"peak lr {schedule.peak_lr:.3g}"
         )
         return state
+
+    def restore(self, path: Path, cfg: Any, acc: Accelerator) -> None:
+        """The state of checkpoint `path`: model, optimizer and RNG (accelerate), shards, EMA, the step, the
+        counters and a stream's position. At the start of a resumed run, and for a rollback."""
+        saved, _ = self.checkpoints.load(path)
+        self.step, self.counters = saved["step"], Counters(**saved["counters"])
+        if self.unsharded is not None:
+            sharding.load(self.model, self.optimizer, path, acc.process_index, self.ema)
+        if self.schedule.is_stream:
+            self.stream_position = read_stream_position(path, cfg.data.num_workers, acc)
+        if isinstance(self.ema, ModelEma):
+            self.ema.load_state_dict(self.checkpoints.load_tensors(path, EMA_WEIGHTS))
 
     def save(self, stream_position: dict[str, Any] | None = None) -> None:
         """A checkpoint at `self.step`; `stream_position`: this process's loader state, for a stream."""
@@ -290,15 +251,7 @@ class TrainState:
         try:
             check_bad_fraction(c.images_skipped, c.images_seen + c.images_skipped, max_bad_fraction)
         except BadImageError as e:
-            raise BadImageError(f"{e}; {intact(self.checkpoints)}") from e
-
-
-def intact(checkpoints: CheckpointManager) -> str:
-    """What an error that stops a run says of its checkpoints."""
-    latest = checkpoints.latest()
-    if latest is None:
-        return "no checkpoint had been saved yet"
-    return f"the last good checkpoint ({latest}) is intact: run the same command again to resume from it"
+            raise BadImageError(f"{e}; {self.checkpoints.intact()}") from e
 
 
 def train_step(
@@ -405,38 +358,50 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
     progress = dict(total=schedule.total_steps, initial=state.step, disable=not acc.is_main_process)
     with StopSignal() as stop, tqdm(**progress, dynamic_ncols=True) as bar, bugs_keep_their_traceback(state):
         while state.step < schedule.total_steps:
-            grad_norm = train_step(state, batches, task.loss, meter, acc, cfg.optim)
-            state.step += 1
-            step, last = state.step, state.step == schedule.total_steps
-            bar.update(1)
-            if step % t.log_every_steps == 0 or last:
-                meter.check_finite(acc, state.checkpoints)
-                values = {**close_window(meter, state, acc, cfg.data), "grad_norm": float(grad_norm)}
-                log.write(step, values)
-                bar.set_postfix(
-                    loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", img_s=f"{values['img_per_s']:.0f}"
-                )
-            if step % eval_every == 0 or last:
-                meter.check_finite(acc, state.checkpoints)
-                with evaluation_mode(model):
-                    evaluate_and_keep_best(state, task, log, out)
-            if task.has_probe and t.probe_every_steps and (step % t.probe_every_steps == 0 or last):
-                with evaluation_mode(model), state.full_model(acc) as full:
-                    run_probe(task.probe, full, step, log, acc)
-            epoch_done, in_epoch = divmod(step, schedule.steps_per_epoch or step + 1)  # a stream: no epoch
-            if in_epoch == 0 and epoch_done in t.snapshot_epochs:
-                # Before the save of this step: a run killed in between redoes the step and the snapshot.
-                with state.full_model(acc) as full:
-                    if acc.is_main_process:
-                        export_snapshot(task.export, full, snapshot_dir(out, epoch_done))
-            stopping = _stop_requested(stop, acc)
-            if step % t.save_every_steps == 0 or last or stopping:
-                meter.check_finite(acc, state.checkpoints)
-                # A save closes the logging window too: the checkpoint's counters hold every image so far.
-                close_window(meter, state, acc, cfg.data)
-                save_or_warn(state, batches, log, final=last or bool(stopping))
-            if stopping:
-                break
+            try:
+                grad_norm = train_step(state, batches, task.loss, meter, acc, cfg.optim)
+                state.step += 1
+                step, last = state.step, state.step == schedule.total_steps
+                bar.update(1)
+                if step % t.log_every_steps == 0 or last:
+                    meter.check_finite(acc, state.checkpoints)
+                    values = {**close_window(meter, state, acc, cfg.data), "grad_norm": float(grad_norm)}
+                    check_spike(values["loss"], step, state, t)
+                    log.write(step, values)
+                    bar.set_postfix(
+                        loss=f"{values['loss']:.4f}",
+                        lr=f"{values['lr']:.2e}",
+                        img_s=f"{values['img_per_s']:.0f}",
+                    )
+                if step % eval_every == 0 or last:
+                    meter.check_finite(acc, state.checkpoints)
+                    with evaluation_mode(model):
+                        evaluate_and_keep_best(state, task, log, out)
+                if task.has_probe and t.probe_every_steps and (step % t.probe_every_steps == 0 or last):
+                    with evaluation_mode(model), state.full_model(acc) as full:
+                        run_probe(task.probe, full, step, log, acc)
+                epoch_done, in_epoch = divmod(
+                    step, schedule.steps_per_epoch or step + 1
+                )  # a stream: no epoch
+                if in_epoch == 0 and epoch_done in t.snapshot_epochs:
+                    # Before the save of this step: a run killed in between redoes the step and the snapshot.
+                    with state.full_model(acc) as full:
+                        if acc.is_main_process:
+                            export_snapshot(task.export, full, snapshot_dir(out, epoch_done))
+                stopping = _stop_requested(stop, acc)
+                if step % t.save_every_steps == 0 or last or stopping:
+                    meter.check_finite(acc, state.checkpoints)
+                    # A save closes the logging window too: the checkpoint's counters hold every image so far.
+                    close_window(meter, state, acc, cfg.data)
+                    save_or_warn(state, batches, log, final=last or bool(stopping))
+                if stopping:
+                    break
+            except NonFiniteLossError as failure:
+                if not may_roll_back(t, schedule, state):
+                    raise
+                batches, meter = roll_back(state, failure, task, cfg, log)
+                bar.n = state.step
+                bar.refresh()
     log.close()
     if stopping:  # after the progress bar has closed, so that this is the last line printed
         acc.print(f"signal {stopping}: saved step {state.step}; run the same command again to resume")
@@ -447,6 +412,74 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
                 task.export(full, out / EXPORT_DIR)
     acc.wait_for_everyone()
     return {"step": state.step, **state.counters.__dict__}
+
+
+ROLLBACK_MIN_STEPS = 1000  # train.on_nonfinite=auto rolls back runs of at least this many steps
+
+
+def may_roll_back(t: TrainConfig, schedule: Schedule, state: TrainState) -> bool:
+    """Whether a non-finite loss or a spike rolls the run back (else it stops, naming the intact checkpoint):
+    train.on_nonfinite=rollback, or auto on a run of ROLLBACK_MIN_STEPS steps or more (a short run is
+    quicker to rerun with other settings); at most train.max_rollbacks times; never before a checkpoint."""
+    wanted = t.on_nonfinite == "rollback" or (
+        t.on_nonfinite == "auto" and schedule.total_steps >= ROLLBACK_MIN_STEPS
+    )
+    return (
+        wanted and len(state.counters.rollbacks) < t.max_rollbacks and state.checkpoints.latest() is not None
+    )
+
+
+def roll_back(
+    state: TrainState, failure: NonFiniteLossError, task: Task, cfg: Any, log: RunLog
+) -> tuple[TrainBatches, LossMeter]:
+    """Back to the last good checkpoint, past the batches that led to the failure (PaLM's remedy: restart
+    before the spike and skip a few hundred batches), and on. The skipped window runs from the checkpoint's
+    step to the failed step, and at least train.rollback_skip_batches optimizer steps; it is kept in the
+    counters (data_offset: map-style data is read from step + data_offset; a stream is read past the
+    skipped batches and its position saved), so that a resume from a later checkpoint skips the same
+    batches, and a resume from an earlier one repeats the same rollbacks. Returns the new batches and a
+    new loss meter."""
+    acc, t = task.accelerator, cfg.train
+    # What happened since the checkpoint is kept across the restore: the rollbacks made and the batches
+    # skipped, so that a second failure before the next save skips further instead of repeating.
+    rollbacks, offset = state.counters.rollbacks, state.counters.data_offset
+    latest = state.checkpoints.latest()
+    state.restore(latest, cfg, acc)
+    skip = max(t.rollback_skip_batches, failure.step + 1 - state.step)
+    record = {
+        "seen": failure.seen,
+        "at_step": failure.step,
+        "restored_step": state.step,
+        "skipped_steps": skip,
+        "from_data_step": state.step + offset,
+    }
+    restored_offset = state.counters.data_offset
+    state.counters.rollbacks = [*rollbacks, record]
+    state.counters.data_offset = offset + skip
+    batches = TrainBatches.of_run(task.train_set, task.collate_fn, cfg, state, acc)
+    if state.schedule.is_stream:  # read past the skipped batches; the next checkpoint saves the position
+        for _ in range((state.counters.data_offset - restored_offset) * cfg.optim.grad_accum_steps):
+            batches.next()
+    log.write(failure.step, record, kind="rollback")
+    acc.print(
+        f"warning: {failure.seen} at step {failure.step}: rolled back to {latest} (step {state.step}) and "
+        f"skipped {skip} steps of batches (rollback {len(state.counters.rollbacks)} of {t.max_rollbacks})"
+    )
+    return batches, LossMeter(acc.device)
+
+
+def check_spike(loss: float, step: int, state: TrainState, t: TrainConfig) -> None:
+    """With train.spike_factor, a logged loss above that many times the running mean of the logged losses
+    is a failure as a non-finite one is; otherwise it joins the mean (an average over about 10 windows)."""
+    mean = state.counters.loss_mean
+    if t.spike_factor is not None and mean is not None and loss > t.spike_factor * mean:
+        raise NonFiniteLossError(
+            f"the loss spiked to {loss:.4g} at step {step}, above train.spike_factor={t.spike_factor} times its "
+            f"running mean {mean:.4g}; {state.checkpoints.intact()}",
+            step=step - 1,
+            seen=f"a loss spike ({loss:.4g}, {loss / mean:.1f}x its running mean)",
+        )
+    state.counters.loss_mean = loss if mean is None else 0.9 * mean + 0.1 * loss
 
 
 def save_or_warn(state: TrainState, batches: TrainBatches, log: RunLog, final: bool) -> None:

@@ -6,7 +6,13 @@ from __future__ import annotations
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message names the step and the last intact checkpoint."""
+    """The loss became NaN or infinite (or spiked past train.spike_factor times its running mean); the
+    message names the step and the last intact checkpoint. `step`: the 0-based step whose loss was bad;
+    `seen`: what was seen, in words."""
+
+    def __init__(self, message: str, step: int = -1, seen: str = "a non-finite loss") -> None:
+        super().__init__(message)
+        self.step, self.seen = step, seen
 
 
 class StageFailed(RuntimeError):

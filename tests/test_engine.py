@@ -11,8 +11,9 @@ from torch import nn
 from simmim.batches import TrainBatches
 from simmim.checkpoints import CheckpointManager
 from simmim.config import DataConfig, OptimConfig, TrainConfig
-from simmim.engine import LossMeter, TrainState, train_step
+from simmim.engine import TrainState, train_step
 from simmim.errors import NonFiniteLossError
+from simmim.meter import LossMeter
 from simmim.optim import Schedule, param_groups
 
 
@@ -267,8 +268,13 @@ class ToyTask:
         self.model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
         self.evaluated, self.exported = [], []
 
+    poison: tuple[int, str] | None = None  # (an image index, "nan" or "spike"): a bad sample, for rollbacks
+
     def loss(self, model, batch):
-        return nn.functional.cross_entropy(model(batch["pixel_values"]), batch["labels"])
+        loss = nn.functional.cross_entropy(model(batch["pixel_values"]), batch["labels"])
+        if self.poison is not None and self.poison[0] in batch["index"].tolist():
+            return loss * float("nan") if self.poison[1] == "nan" else loss * 100
+        return loss
 
     def evaluate(self, model, step, log):
         self.evaluated.append(step)
@@ -425,3 +431,63 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch, sta
         train(ToyTask(Accelerator(cpu=True)), longer)
     assert latest_checkpoint(tmp_path).name == "step_00000012"
     assert checkpoint_problem(latest_checkpoint(tmp_path)) is None
+
+
+@pytest.mark.parametrize("kind", ["nan", "spike"])
+def test_a_bad_batch_is_rolled_back_and_skipped_and_a_resume_ends_the_same(tmp_path, kind):
+    """Image 5 makes the loss NaN (or 100x: a spike past train.spike_factor) each time it is read: every
+    time, the run goes back to its last checkpoint, skips the batches that led there and goes on; each
+    rollback is logged; a run stopped after a rollback and resumed ends with the uninterrupted run's weights."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from simmim.config import FinetuneConfig
+    from simmim.engine import train
+
+    def config(out, max_steps=None):
+        train_cfg = TrainConfig(
+            epochs=2, save_every_steps=2, log_every_steps=1, precision="fp32", max_steps=max_steps,
+            on_nonfinite="rollback", rollback_skip_batches=1, max_rollbacks=10,
+            spike_factor=5.0 if kind == "spike" else None,
+        )  # fmt: skip
+        return FinetuneConfig(
+            output_dir=str(out), data=DataConfig(path="synthetic", batch_size=16, num_workers=0),
+            optim=OptimConfig(base_lr=0.1, warmup_epochs=0), train=train_cfg,
+        )  # fmt: skip
+
+    def task():
+        t = ToyTask(Accelerator(cpu=True))
+        t.poison = (5, kind)
+        return t
+
+    summary = train(task(), config(tmp_path / "a"))
+    assert summary["step"] == 8 and len(summary["rollbacks"]) >= 2  # image 5 is read once an epoch
+    records = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    rollbacks = [r for r in records if r["kind"] == "rollback"]
+    assert len(rollbacks) == len(summary["rollbacks"])
+    assert all(r["skipped_steps"] >= 1 and r["restored_step"] <= r["at_step"] for r in rollbacks)
+    assert ("non-finite" if kind == "nan" else "spike") in rollbacks[0]["seen"]
+    final = load_file(str(tmp_path / "a" / "checkpoints" / "step_00000008" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in final.values())
+
+    train(task(), config(tmp_path / "b", max_steps=5))  # stopped after the first rollback
+    assert train(task(), config(tmp_path / "b"))["step"] == 8
+    resumed = load_file(str(tmp_path / "b" / "checkpoints" / "step_00000008" / "model.safetensors"))
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
+
+
+def test_without_rollback_a_non_finite_loss_stops_the_run(tmp_path):
+    from simmim.config import FinetuneConfig
+    from simmim.engine import train
+    from simmim.errors import NonFiniteLossError
+
+    cfg = FinetuneConfig(
+        output_dir=str(tmp_path), data=DataConfig(path="synthetic", batch_size=16, num_workers=0),
+        optim=OptimConfig(base_lr=0.1, warmup_epochs=0),
+        train=TrainConfig(epochs=2, save_every_steps=2, log_every_steps=1, precision="fp32"),  # auto: 8 steps
+    )  # fmt: skip
+    t = ToyTask(Accelerator(cpu=True))
+    t.poison = (5, "nan")
+    with pytest.raises(NonFiniteLossError, match="the loss became non-finite at step"):
+        train(t, cfg)

@@ -20,6 +20,7 @@ LAYERS = [
     ["simmim.data"],
     ["simmim.rundir", "simmim.optim", "simmim.launch"],
     ["simmim.checkpoints", "simmim.run_log", "simmim.sharding", "simmim.compilation", "simmim.batches"],
+    ["simmim.meter"],
     ["simmim.exports"],
     ["simmim.evaluation"],
     ["simmim.engine"],
@@ -87,7 +88,7 @@ def test_no_import_cycles():
         for name in sorted(GRAPH.get(module, ())):
             target = name if name in MODULES else name.rsplit(".", 1)[0]
             if target in path:
-                cycle = path[path.index(target):] + [target]
+                cycle = path[path.index(target) :] + [target]
                 # A package's __init__ re-exporting its own modules is not a cycle of code.
                 if not all(m == cycle[0] or m.startswith(cycle[0] + ".") for m in cycle):
                     raise AssertionError(" -> ".join(cycle))

@@ -76,7 +76,9 @@ def check_pixel_limit(image: Image.Image) -> None:
     limit = Image.MAX_IMAGE_PIXELS
     width, height = image.size
     if limit is not None and width * height > limit:
-        raise DecompressionBomb(f"{width}x{height} pixels, past PIL's limit of {limit} (Image.MAX_IMAGE_PIXELS)")
+        raise DecompressionBomb(
+            f"{width}x{height} pixels, past PIL's limit of {limit} (Image.MAX_IMAGE_PIXELS)"
+        )
 
 
 def decode_image(

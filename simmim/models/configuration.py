@@ -25,6 +25,15 @@ ACTIVATIONS = (
 )
 
 CONFIG_NAME = "config.json"
+# The encoder sizes by name: DeiT-Ti/S/B (Touvron et al. 2021), ViT-L and ViT-H.
+VARIANTS: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),
+    "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    # ViT-L/16 and ViT-H/14 sizes (Dosovitskiy et al. 2021); ViT-H's patch 14 is the recipe's model.patch_size.
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "huge": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120),
+}
 
 
 class DeiTConfig:
