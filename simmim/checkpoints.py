@@ -22,13 +22,15 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from simmim.errors import CheckpointWriteError
+from simmim.models.checkpoint import read_state_dict
 from simmim.rundir import (
     ACCELERATE_WEIGHTS,
     CHECKPOINT_INDEX,
+    CHECKPOINT_PREFIX,
     CHECKPOINTS_DIR,
     MODEL_SHARD,
     TRAINER_STATE,
@@ -89,14 +91,18 @@ class CheckpointManager:
         the next collective.)"""
         try:
             return self._write(step, trainer_state, tensors, own, write_shards)
-        except OSError as e:
+        except (OSError, SafetensorError, RuntimeError) as e:
+            # safetensors raises its own error on a failed write, torch.save a RuntimeError from its writer;
+            # any other RuntimeError is a bug, not the disk.
+            if isinstance(e, RuntimeError) and "PytorchStreamWriter" not in str(e):
+                raise
             shutil.rmtree(self.dir / f".tmp-{checkpoint_name(step)}", ignore_errors=True)
             try:
                 intact = latest_checkpoint(self.dir.parent)
             except ValueError:
                 intact = None
             kept = f"{intact} is intact" if intact is not None else "no earlier checkpoint exists"
-            reason = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+            reason = f"{e.strerror}: {e.filename}" if getattr(e, "strerror", None) and e.filename else str(e)
             raise CheckpointWriteError(f"saving step {step} failed ({reason}); {kept}") from e
 
     def _write(
@@ -135,8 +141,9 @@ class CheckpointManager:
             try:
                 previous = self.index()["checkpoints"]
             except (OSError, ValueError, KeyError):  # a damaged index: the checkpoints on disk, by step
-                previous = sorted(p.name for p in self.dir.glob("step_*") if p.is_dir())
-            names = [n for n in previous if n != name] + [name]
+                previous = sorted(p.name for p in self.dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
+            # A name whose directory is gone is dropped, so that keep_last never prunes an intact one for it.
+            names = [n for n in previous if n != name and (self.dir / n).is_dir()] + [name]
             stale, names = names[: -self.keep_last], names[-self.keep_last :]
             _write_json_atomic(self.index_file, {"latest": name, "checkpoints": names})
             for old in stale:
@@ -180,4 +187,4 @@ def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The model's weights in a training checkpoint: accelerate's `model.safetensors`, or a train.fsdp
     run's shards joined (`join_shards`)."""
     joined = join_shards(checkpoint)
-    return joined if joined is not None else load_file(str(checkpoint / ACCELERATE_WEIGHTS))
+    return joined if joined is not None else read_state_dict(checkpoint / ACCELERATE_WEIGHTS)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from simmim.precision import bf16_hardware
 from simmim.rundir import COMPILE_CACHE_DIR
 
 COMPILE_MIN_STEPS = 1000
@@ -39,11 +40,15 @@ def choose_compile(
         )
     if mixed_precision != "bf16":
         return False, "train.compile=auto: fp32 on a CPU, where compiling was measured at 0.97-1.00x"
+    if not bf16_hardware()[0]:
+        return False, "train.compile=auto: bf16 emulated on this CPU (no avx512_bf16 or AMX), not measured"
     if total_steps < COMPILE_MIN_STEPS:
         return False, (
             f"train.compile=auto: {total_steps} steps, fewer than the {COMPILE_MIN_STEPS} that repay a "
             "compile (about 60 s cold) at the 1.17-1.20x it gives in bf16 on a CPU"
         )
+    # The run's total, not the steps left: a resume makes the same choice as its run (compiled and eager
+    # steps differ in the last bits), so that it ends with the same weights.
     return True, f"train.compile=auto: bf16 on a CPU, measured 1.17-1.20x, over {total_steps} steps"
 
 

@@ -490,7 +490,9 @@ def save_or_warn(state: TrainState, batches: TrainBatches, log: RunLog, final: b
     try:
         state.save(batches.stream_position())
     except CheckpointWriteError as e:
-        if final:
+        # With several processes the failure may be one process's alone, which the others cannot know:
+        # stopping is the only safe choice there.
+        if final or state.checkpoints.accelerator.num_processes > 1:
             raise
         log.write(state.step, {"error": str(e)}, kind="save_failed")
         state.checkpoints.accelerator.print(f"warning: {e}; training goes on, the next save tries again")

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
+from simmim.bounded_yaml import read_yaml
 from simmim.checkpoints import checkpoint_weights
 from simmim.config import (
     FinetuneConfig,
@@ -34,7 +34,7 @@ from simmim.data import IMAGENET_MEAN, IMAGENET_STD
 from simmim.data.sources import open_split
 from simmim.models import MODEL_FOR_HEAD, DeiTConfig, DeiTImageProcessor, DeiTModel, DeiTPreTrainedModel
 from simmim.models.checkpoint import read_state_dict
-from simmim.models.cnn import CNN_CONFIG, build_cnn, load_cnn, save_cnn
+from simmim.models.cnn import CNN_CONFIG, build_cnn, load_cnn, read_cnn_config, save_cnn
 from simmim.models.configuration import CONFIG_NAME
 from simmim.models.image_processor import PROCESSOR_NAME, eval_image_processor
 from simmim.rundir import (
@@ -130,7 +130,8 @@ class OpenedModel:
 def export_dir_of(path: str | Path) -> Path:
     """A run directory -> its export/; an export, a Transformers directory or a weights file as it is."""
     path = Path(path)
-    if path.is_dir() and not (path / CONFIG_NAME).is_file() and (path / EXPORT_DIR / CONFIG_NAME).is_file():
+    exported = any((path / EXPORT_DIR / name).is_file() for name in (CONFIG_NAME, CNN_CONFIG))
+    if path.is_dir() and not (path / CONFIG_NAME).is_file() and exported:
         return path / EXPORT_DIR
     return path
 
@@ -138,7 +139,7 @@ def export_dir_of(path: str | Path) -> Path:
 def read_export_config(directory: Path) -> dict[str, Any] | None:
     """The run config embedded in an export (as written), or None for exports made elsewhere."""
     file = Path(directory) / EXPORT_CONFIG
-    return yaml.safe_load(file.read_text()) if file.is_file() else None
+    return read_yaml(file.read_text(), str(file)) if file.is_file() else None
 
 
 def is_run_directory(path: Path) -> bool:
@@ -154,13 +155,15 @@ def open_model(
     bare_file_config: DeiTConfig | None = None,
     num_heads: int | None = None,
     ignore_mismatched_sizes: bool = False,
+    default_cls: type[nn.Module] = DeiTModel,
     **config_overrides: Any,
 ) -> OpenedModel:
     """Open the model at `path` (see the module's docstring for what it may be).
 
     Args:
         cls: the DeiT class to build (a head class or DeiTModel, the bare encoder); None = the class the
-            checkpoint's config names (a CNN export is always its CNN).
+            checkpoint's config names (`default_cls` when it names none); a CNN export opens as its CNN,
+            and only with `cls` None.
         what: how the caller's user named the path, for errors ("model.init", "--checkpoint").
         from_checkpoint: a run directory's newest training checkpoint instead of its export.
         bare_file_config: the architecture of a weights file without config.json (default: read from a timm
@@ -178,6 +181,11 @@ def open_model(
         return _open_run_checkpoint(path, what)
     path = export_dir_of(path)
     if path.is_dir() and (path / CNN_CONFIG).is_file():
+        if cls is not None:
+            raise ValueError(
+                f"{what}={str(path)!r} holds a {read_cnn_config(path)['arch']} CNN export, expected a DeiT "
+                f"checkpoint ({cls.__name__})"
+            )
         model, meta = load_cnn(path)
         labels = {int(k): v for k, v in meta["id2label"].items()}
         return OpenedModel(model, DeiTImageProcessor.from_pretrained(path), path, id2label=labels)
@@ -189,12 +197,14 @@ def open_model(
                 "export, a Transformers DeiT directory or a weights file (scripts/export.py writes an export "
                 "from a run's checkpoint)"
             )
-        model, info = _open_bare_file(path, cls or DeiTModel, what, bare_file_config, num_heads)
+        model, info = _open_bare_file(
+            path, cls or DeiTModel, what, bare_file_config, num_heads, ignore_mismatched_sizes
+        )
         processor = eval_image_processor(model.config.image_hw[0], IMAGENET_MEAN, IMAGENET_STD)
         return OpenedModel(model, processor, path, info=info)
     config = DeiTConfig.from_pretrained(config_dir)
     if cls is None:
-        arch = (config.extra.get("architectures") or ["DeiTModel"])[0]
+        arch = (config.extra.get("architectures") or [default_cls.__name__])[0]
         if arch not in DEIT_CLASSES:
             raise ValueError(f"{what}={str(path)!r} holds a {arch}, expected one of {sorted(DEIT_CLASSES)}")
         cls = DEIT_CLASSES[arch]
@@ -229,7 +239,12 @@ def _open_run_checkpoint(path: Path, what: str) -> OpenedModel:
 
 
 def _open_bare_file(
-    path: Path, cls: type[nn.Module], what: str, config: DeiTConfig | None, num_heads: int | None
+    path: Path,
+    cls: type[nn.Module],
+    what: str,
+    config: DeiTConfig | None,
+    num_heads: int | None,
+    ignore_mismatched_sizes: bool,
 ) -> tuple[nn.Module, dict[str, list[str]]]:
     if config is None:
         sd = read_state_dict(path)
@@ -238,7 +253,9 @@ def _open_bare_file(
                 f"{what}={str(path)!r} is not a timm ViT/DeiT state dict and has no config.json beside it"
             )
         config = config_from_timm(sd, num_heads)
-    return cls.from_pretrained(path, config=config, output_loading_info=True)
+    return cls.from_pretrained(
+        path, config=config, output_loading_info=True, ignore_mismatched_sizes=ignore_mismatched_sizes
+    )
 
 
 def config_from_timm(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> DeiTConfig:
@@ -266,7 +283,7 @@ def config_from_timm(sd: dict[str, torch.Tensor], num_heads: int | None = None) 
 
 def open_classifier(path: str | Path, what: str = "--model") -> OpenedModel:
     """Any exported classifier: DeiT (either head, ours or Transformers') or a simmim CNN export."""
-    opened = open_model(path, what=what)
+    opened = open_model(path, what=what, default_cls=MODEL_FOR_HEAD["cls"])
     if isinstance(opened.model, DeiTPreTrainedModel) and not isinstance(opened.model, CLASSIFIERS):
         raise ValueError(
             f"{what}={str(path)!r} holds a {type(opened.model).__name__}, not an image classifier "

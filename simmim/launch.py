@@ -89,7 +89,7 @@ def make_accelerator(precision: str = "launcher", fsdp: bool = False) -> Acceler
             "ACCELERATE_USE_DEEPSPEED=true (accelerate launch with DeepSpeed): simmim shards with FSDP2; "
             "launch with --config_file recipes/accelerate/fsdp.yaml"
         )
-    # An FSDP launch: training has read it as train.fsdp=true (sharding.follow_launcher); anything else (an
+    # An FSDP launch: training has read it as train.fsdp=true (launch.follow_launcher); anything else (an
     # evaluation) runs replicated. accelerate must not wrap the model with its own FSDP either way.
     os.environ.pop("ACCELERATE_USE_FSDP", None)
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1

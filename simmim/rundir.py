@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from accelerate import Accelerator
 from safetensors import safe_open
 from torch import nn
 
+from simmim.bounded_yaml import read_yaml
 from simmim.config import (
     FinetuneConfig,
     PretrainConfig,
@@ -76,8 +76,11 @@ def snapshot_dir(output_dir: str | Path, epoch: int) -> Path:
     return Path(output_dir) / SNAPSHOTS_DIR / f"epoch_{epoch}"
 
 
+CHECKPOINT_PREFIX = "step_"
+
+
 def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
 
 
 def own_file_name(name: str, process_index: int) -> str:
@@ -97,9 +100,9 @@ def read_index(output_dir: str | Path) -> dict[str, Any]:
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest intact checkpoint of a run directory, or None before the first save.
 
-    The index names the newest first; one that is missing or damaged on disk (`checkpoint_problem`) is
-    passed over with a warning naming it, for the one before it. An unreadable index falls back to the
-    step_* directories themselves. When checkpoints exist and none is intact, `DamagedCheckpointError`:
+    The index lists the checkpoints oldest first; the newest that is missing or damaged on disk
+    (`checkpoint_problem`) is passed over with a warning naming it, for the one before it, and then for any
+    other checkpoint directory on disk (an unreadable index: those alone), newest first. When checkpoints exist and none is intact, `DamagedCheckpointError`:
     a run must never start again from random weights by mistake."""
     directory = Path(output_dir) / CHECKPOINTS_DIR
     try:
@@ -110,13 +113,15 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         logger.warning("%s is unreadable (%s): looking at the checkpoint directories themselves",
                        directory / CHECKPOINT_INDEX, e)  # fmt: skip
-        names = sorted(p.name for p in directory.glob("step_*") if p.is_dir())
+        names = []
+    on_disk = sorted(p.name for p in directory.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
+    names = [n for n in on_disk if n not in names] + names  # the index's own order wins, newest last
     problems = []
     for name in reversed(names):  # newest first
         problem = checkpoint_problem(directory / name)
         if problem is None:
             if problems:
-                logger.warning("passing over %s; resuming from %s", "; ".join(problems), directory / name)
+                logger.warning("passing over %s; using %s", "; ".join(problems), directory / name)
             return directory / name
         problems.append(f"{directory / name}: {problem}")
     if problems:
@@ -199,7 +204,7 @@ def read_run(directory: str | Path) -> Run:
     config_file = directory / RUN_CONFIG
     if not config_file.is_file():
         raise FileNotFoundError(f"{directory} is not a run directory: it holds no {RUN_CONFIG}")
-    raw = yaml.safe_load(config_file.read_text()) or {}
+    raw = read_yaml(config_file.read_text(), str(config_file)) or {}
     info_file = directory / RUN_INFO
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     kind = info.get("kind") or run_kind(raw)
@@ -235,7 +240,7 @@ def prepare_output_dir(
             )
     if accelerator.is_main_process:
         if path.is_file() and latest is not None:
-            previous = _flatten(yaml.safe_load(path.read_text()) or {})
+            previous = _flatten(read_yaml(path.read_text(), str(path)) or {})
             current = _flatten(config_to_dict(cfg))
             changed = sorted(k for k in previous.keys() | current.keys() if previous.get(k) != current.get(k))
             if changed:

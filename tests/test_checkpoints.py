@@ -393,3 +393,23 @@ def test_saved_config_names_the_architecture(tmp_path):
     DeiTForMaskedImageModeling(tiny_config()).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["architectures"] == ["DeiTForMaskedImageModeling"] and saved["model_type"] == "deit"
+
+
+def test_fine_tuning_starts_from_a_bare_timm_file_with_another_head(tmp_path):
+    """model.init = a bare timm DeiT file with a 5-class head (as a 1000-class ImageNet one would be),
+    fine-tuned for 7 labels: the encoder is carried over, the heads are new (simmim.exports.open_init)."""
+    from simmim.config import ModelConfig
+    from simmim.exports import open_init
+
+    theirs = timm_model("deit_tiny_distilled_patch16_224")
+    file = tmp_path / "deit.pth"
+    torch.save(theirs.state_dict(), file)
+    arch = {k: v for k, v in TIMM_CONFIG.items() if k not in ("layer_norm_eps", "num_labels")}
+    model_cfg = ModelConfig(init=str(file), head="distill", layer_norm_eps=1e-6, **arch)
+    labels = {"id2label": {i: str(i) for i in range(7)}, "label2id": {str(i): i for i in range(7)}}
+    opened = open_init(model_cfg, DeiTForImageClassificationWithTeacher, labels)
+    assert opened.model.cls_classifier.weight.shape[0] == 7
+    assert "cls_classifier.weight" in opened.info["mismatched_keys"]
+    torch.testing.assert_close(
+        opened.model.deit.embeddings.patch_embeddings.projection.weight, theirs.patch_embed.proj.weight
+    )

@@ -216,12 +216,16 @@ def test_a_value_error_inside_the_loop_keeps_its_traceback(capsys):
         ("auto", "bf16", "cpu", 999, False, "fewer than the 1000"),  # too short to repay the compile
         ("auto", "bf16", "cpu", 1000, True, "measured 1.17-1.20x"),
         ("auto", "bf16", "cuda", 10_000, False, "not yet measured on cuda"),
+        ("auto", "bf16-emulated", "cpu", 10_000, False, "bf16 emulated on this CPU"),
     ],
 )
-def test_compile_auto_rule(setting, precision, device, steps, expected, reason):
+def test_compile_auto_rule(setting, precision, device, steps, expected, reason, monkeypatch):
+    import simmim.compilation
     from simmim.compilation import choose_compile
 
-    compiled, why = choose_compile(setting, precision, device, steps)
+    native = precision != "bf16-emulated"  # the CPU's flags, as simmim.precision reads them
+    monkeypatch.setattr(simmim.compilation, "bf16_hardware", lambda: (native, "test"))
+    compiled, why = choose_compile(setting, precision.removesuffix("-emulated"), device, steps)
     assert compiled is expected and reason in why
 
 

@@ -22,7 +22,7 @@ def test_recipe_loads_and_has_a_header(recipe, monkeypatch):
         from accelerate.utils import DistributedType
 
         launch = load_config_from_file(str(recipe))
-        if recipe.stem == "fsdp":  # what simmim.sharding.follow_launcher needs to read it as train.fsdp
+        if recipe.stem == "fsdp":  # what simmim.launch.follow_launcher needs to read it as train.fsdp
             assert launch.distributed_type == DistributedType.FSDP
             assert launch.fsdp_config["fsdp_version"] == 2
         return

@@ -1,4 +1,4 @@
-"""The run directory (simmim.runs) and the command line's errors: which kind of run a directory holds,
+"""The run directory (simmim.rundir) and the command line's errors: which kind of run a directory holds,
 exports that need neither the data nor the init checkpoint, and one-line errors with exit code 2."""
 
 from __future__ import annotations

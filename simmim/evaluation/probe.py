@@ -350,7 +350,8 @@ def partial_finetune_probe(
     with torch.no_grad():
         head.weight.normal_(0, 0.01, generator=generator)
         head.bias.zero_()
-    modules = nn.ModuleList([block, norm, head]).float().train()
+    device = next(encoder.parameters()).device  # the tokens are cached on the CPU, the encoder may not be
+    modules = nn.ModuleList([block, norm, head]).to(device).float().train()
     decay = [p for p in modules.parameters() if p.ndim >= 2]
     no_decay = [p for p in modules.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -359,15 +360,15 @@ def partial_finetune_probe(
     prefix = encoder.num_prefix_tokens
 
     def logits_of(tokens: torch.Tensor) -> torch.Tensor:
-        x, _ = block(tokens, False)  # (B, prefix + P, D)
+        x, _ = block(tokens.to(device), False)  # (B, prefix + P, D)
         return head(norm(x)[:, prefix:].mean(1))  # (B, classes)
 
-    loss_of = lambda idx: F.cross_entropy(logits_of(train_tokens[idx]), train_labels[idx])  # noqa: E731
+    loss_of = lambda idx: F.cross_entropy(logits_of(train_tokens[idx]), train_labels[idx].to(device))  # noqa: E731
     train_cosine(optimizer, loss_of, train_tokens.shape[0], epochs, batch_size, lr, generator)
     modules.eval()
     with torch.no_grad():
-        val_scores = torch.cat([logits_of(t) for t in val_tokens.split(batch_size)])
-        train_scores = torch.cat([logits_of(t) for t in train_tokens.split(batch_size)])
+        val_scores = torch.cat([logits_of(t).cpu() for t in val_tokens.split(batch_size)])
+        train_scores = torch.cat([logits_of(t).cpu() for t in train_tokens.split(batch_size)])
     top1, top5 = _topk_hits(val_scores, val_labels, 5)
     return {"top1": top1, "top5": top5, "train_top1": _topk_hits(train_scores, train_labels, 5)[0]}
 

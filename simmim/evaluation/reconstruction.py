@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
@@ -256,8 +257,6 @@ def evaluate_checkpoint(args: Any) -> dict[str, Any]:
         write_outputs(out, summary, rows, grid)
         tb = tensorboard_dir(out, ckpt.run_dir)
         if tb is not None and grid is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
             with SummaryWriter(str(tb)) as writer:
                 writer.add_image("eval_reconstruction/grid", grid, 0)
         base = summary["baselines"]

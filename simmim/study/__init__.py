@@ -5,7 +5,7 @@ each a directory under the study's output_dir:
   pretrain              scripts/pretrain.py on the train split (labels unused); with train.snapshot_epochs
                         it also keeps the encoder after those epochs (the pretraining-length curve)
   reconstruction        scripts/eval_reconstruction.py of the pretrained model on the validation split
-  probe, probe_e<N>     scripts/eval_probe.py (kNN and linear) of the final encoder, with the random-init
+  probe, probe_e<N>     scripts/eval_probe.py (kNN, linear, partial fine-tune) of the final encoder, with the random-init
                         baseline, and of every snapshot
   teacher               (only with a distilled arm) the CNN teacher, then teacher/final, its last weights
   <arm>_sweep<i>        each candidate setting of the sweep, for every tuned arm, trained on the train split
