@@ -153,7 +153,7 @@ def evaluate_reconstruction(
         "pixels"
         if norm_target_window is None
         else f"pixels (normalised-target predictions mapped back with each image's {norm_target_window}-px "
-        "window statistics)"
+        "window statistics, masked pixels included: not comparable with a raw-target model's L1)"
     )
     summary["num_skipped"] = skipped
     summary["baselines"] = {
