@@ -122,13 +122,15 @@ MAX_DEFAULT_WORKERS = 4
 
 def default_num_workers() -> int:
     """Loader workers for `data.num_workers=None`: the CPUs this process may use, divided among the node's
-    processes (LOCAL_WORLD_SIZE, set by accelerate launch and torchrun), at most 4. On a 2-core machine that
+    processes (LOCAL_WORLD_SIZE, or an MPI launcher's local size), at most 4. On a 2-core machine that
     is 2, which torch's DataLoader accepts without its warning about more workers than CPUs."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
-    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    # torchrun and accelerate launch set LOCAL_WORLD_SIZE; an MPI launch (accelerate's multi-CPU) its own.
+    names = ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
+    local_processes = max(1, next((int(os.environ[n]) for n in names if os.environ.get(n)), 1))
     return min(MAX_DEFAULT_WORKERS, max(1, cpus // local_processes))
 
 

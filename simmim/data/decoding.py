@@ -104,9 +104,9 @@ def decode_image(
             image = data.copy()  # exif_transpose below works in place
         else:
             image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
-            check_pixel_limit(image)  # before decoding: a bomb is a small file that decodes huge
             if decode_size is not None and image.format == "JPEG":
                 image.draft(image.mode, (decode_size, decode_size))
+            check_pixel_limit(image)  # before decoding (after a JPEG's draft: its reduced size is decoded)
             image.load()  # decode now so that truncated files fail here, not inside a transform
         ImageOps.exif_transpose(image, in_place=True)  # in place: otherwise it copies every upright image
         return _to_rgb(image)
