@@ -62,6 +62,10 @@ class CheckpointManager:
     def index(self) -> dict[str, Any]:
         return read_index(self.dir.parent)
 
+    def _writing(self, name: str) -> Path:
+        """Where checkpoint `name` is written before it is renamed into place."""
+        return self.dir / f".tmp-{name}"
+
     def latest(self) -> Path | None:
         return latest_checkpoint(self.dir.parent)
 
@@ -96,7 +100,7 @@ class CheckpointManager:
             # any other RuntimeError is a bug, not the disk.
             if isinstance(e, RuntimeError) and "PytorchStreamWriter" not in str(e):
                 raise
-            shutil.rmtree(self.dir / f".tmp-{checkpoint_name(step)}", ignore_errors=True)
+            shutil.rmtree(self._writing(checkpoint_name(step)), ignore_errors=True)
             try:
                 intact = latest_checkpoint(self.dir.parent)
             except ValueError:
@@ -115,7 +119,7 @@ class CheckpointManager:
     ) -> Path:
         acc = self.accelerator
         name = checkpoint_name(step)
-        final, tmp = self.dir / name, self.dir / f".tmp-{name}"
+        final, tmp = self.dir / name, self._writing(name)
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)

@@ -38,6 +38,8 @@ from simmim.models.cnn import CNN_CONFIG, build_cnn, load_cnn, read_cnn_config, 
 from simmim.models.configuration import CONFIG_NAME
 from simmim.models.image_processor import PROCESSOR_NAME, eval_image_processor
 from simmim.rundir import (
+    CHECKPOINT_INDEX,
+    CHECKPOINTS_DIR,
     EXPORT_CONFIG,
     EXPORT_DIR,
     RUN_CONFIG,
@@ -81,7 +83,7 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | No
     run = read_run(run_dir)
     ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run.directory)
     if ckpt is None:
-        raise FileNotFoundError(f"{run.directory} holds no checkpoint (checkpoints/index.json)")
+        raise FileNotFoundError(f"{run.directory} holds no checkpoint ({CHECKPOINTS_DIR}/{CHECKPOINT_INDEX})")
     model, id2label = _new_model_of(run)
     model.load_state_dict(checkpoint_weights(ckpt))
     export_model(model, Path(out), run.config, id2label)
