@@ -109,14 +109,8 @@ class CheckpointManager:
             reason = f"{e.strerror}: {e.filename}" if getattr(e, "strerror", None) and e.filename else str(e)
             raise CheckpointWriteError(f"saving step {step} failed ({reason}); {kept}") from e
 
-    def _write(
-        self,
-        step: int,
-        trainer_state: dict[str, Any],
-        tensors: dict[str, dict[str, torch.Tensor]] | None = None,
-        own: dict[str, Any] | None = None,
-        write_shards: Callable[[Path], None] | None = None,
-    ) -> Path:
+    def _write(self, step, trainer_state, tensors, own, write_shards) -> Path:  # noqa: ANN001 - as `save`
+        """`save`'s work, which may raise on a failed write."""
         acc = self.accelerator
         name = checkpoint_name(step)
         final, tmp = self.dir / name, self._writing(name)
