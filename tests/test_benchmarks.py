@@ -79,3 +79,13 @@ def test_the_study_model_step_reports_its_matmul_share_of_the_ceiling():
     per_image = float(result.stdout.split("GFLOP per image")[0].split()[-1])
     assert 3 * 6 * 65 * 884_736 / 1e9 < per_image < 1.1, result.stdout
     assert "fp32: matmul work" in result.stdout and "ceiling" in result.stdout
+
+
+def test_the_norm_target_benchmark_agrees_with_simmims_formula():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "norm_target.py"), "--batch", "2", "--size", "16",
+         "--window", "5", "--rounds", "1", "--threads", "1"],
+        env=script_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.split("largest difference")[1]) < 1e-4, result.stdout
