@@ -88,8 +88,25 @@ class DataConfig:
         "node's processes, at most 4",
     )
     pin_memory: Bool = True
-    mean: tuple[Float, Float, Float] = Field((0.485, 0.456, 0.406), description="ImageNet statistics")
-    std: tuple[Scale, Scale, Scale] = (0.229, 0.224, 0.225)
+    normalize: Literal["imagenet", "dataset", "explicit"] | None = Field(
+        None,
+        description="pixel statistics: ImageNet's (3 channels only), the dataset's own (data.stats, else "
+        "computed from data.stats_samples train images at the start and kept in the run) or data.mean and "
+        "data.std as given; None = explicit when data.mean is set, else imagenet for 3 channels, dataset "
+        "for any other count",
+    )
+    mean: tuple[Float, ...] | None = Field(None, description="one per channel, of pixels scaled to [0, 1]")
+    std: tuple[Scale, ...] | None = None
+    max_value: Float | None = Field(
+        None, gt=0, description="integer pixels are divided by this (4095: 12-bit values stored in 16 bits); "
+        "None = their type's largest value (255, 65535); float pixels are taken as they are",
+    )  # fmt: skip
+    stats: Str | None = Field(None, description="data.normalize=dataset: a file of scripts/dataset_stats.py")
+    stats_samples: Int = Field(1000, gt=0, description="images drawn to compute data.normalize=dataset")
+    display_bands: tuple[Annotated[Int, Field(ge=0)], ...] | None = Field(
+        None, description="channels shown as red, green, blue in images (reconstruction grids, TensorBoard); "
+        "None = the first three, or grey for one channel",
+    )  # fmt: skip
     max_bad_fraction: Float = Field(
         0.01, ge=0, lt=1, description="stop when more than this fraction of samples failed to decode"
     )
@@ -115,6 +132,30 @@ class DataConfig:
                "be in (0, 1) with data.holdout_from_train=true (the share of train held out)")  # fmt: skip
         if self.num_workers is None:  # resolved once, so that the saved config.yaml says what ran
             object.__setattr__(self, "num_workers", default_num_workers())
+        _check((self.mean is None) == (self.std is None), "std", self.std, "be given with data.mean")
+        if self.mean is not None:
+            _check(len(self.std) == len(self.mean), "std", self.std, f"have {len(self.mean)} values, "
+                   "one per channel as data.mean")  # fmt: skip
+
+    def resolve_normalize(self, num_channels: int) -> DataConfig:
+        """data.normalize and, where known before the data is read, data.mean and data.std resolved for a
+        model of `num_channels` channels (dataset statistics are filled in when the run starts)."""
+        mode = self.normalize or (
+            "explicit" if self.mean is not None else ("imagenet" if num_channels == 3 else "dataset")
+        )
+        if mode == "imagenet":
+            _check(num_channels == 3, "data.normalize", mode, f"be dataset or explicit for "
+                   f"model.num_channels={num_channels}: ImageNet's statistics are for RGB")  # fmt: skip
+            imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+            _check(self.mean in (None, imagenet[0]), "data.mean", self.mean,
+                   "be unset with data.normalize=imagenet (or use data.normalize=explicit)")  # fmt: skip
+            return dataclasses.replace(self, normalize=mode, mean=imagenet[0], std=imagenet[1])
+        if mode == "explicit":
+            _check(self.mean is not None, "data.mean", None, "be set with data.normalize=explicit")
+        if self.mean is not None:  # explicit, or dataset statistics already computed (a saved run's config)
+            _check(len(self.mean) == num_channels, "data.mean", self.mean,
+                   f"have one value per channel: model.num_channels={num_channels}")  # fmt: skip
+        return dataclasses.replace(self, normalize=mode)
 
 
 MAX_DEFAULT_WORKERS = 4
@@ -154,7 +195,10 @@ class ModelConfig:
     )
     image_size: Int = Field(224, gt=0)
     patch_size: Int = Field(16, gt=0)
-    num_channels: Int = Field(3, gt=0)
+    num_channels: Int = Field(
+        3, gt=0, description="the images' channels (1 grey, 3 RGB, N bands); a run checks its first image "
+        "against it, and skips (and counts) images of another count; a 3-channel model reads grey as RGB",
+    )  # fmt: skip
     qkv_bias: Bool = True
     encoder_stride: Int | None = Field(None, gt=0, description="None = patch_size")
     pooler_output_size: Int | None = Field(None, gt=0)
@@ -414,6 +458,7 @@ class PretrainConfig:
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "data", self.data.resolve_normalize(self.model.num_channels))
         d, m, p = self.data, self.model, self.model.patch_size
         _check(d.label_fraction == 1.0, "data.label_fraction", d.label_fraction,
                "be 1.0: pretraining uses no labels")  # fmt: skip
@@ -451,6 +496,7 @@ class FinetuneConfig:
     aug: AugConfig = Field(default_factory=AugConfig)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "data", self.data.resolve_normalize(self.model.num_channels))
         m, t = self.model, self.train
         _check(m.head != "mim", "model.head", m.head, 'be "cls", "distill" or "cnn" for fine-tuning')
         _check_stream_durations(self)

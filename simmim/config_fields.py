@@ -20,7 +20,7 @@ def field_at(cls: type, loc: Sequence[str | int]) -> FieldInfo | None:
     """The field of ``cls`` (or tuple element) at a pydantic location such as ("data", "mean", 2)."""
     info = FieldInfo.from_annotation(cls)
     for part in loc:
-        tp = info.annotation
+        tp = _without_none(info.annotation)
         if isinstance(part, str) and dataclasses.is_dataclass(tp) and part in tp.__pydantic_fields__:
             info = tp.__pydantic_fields__[part]
         elif isinstance(part, int) and typing.get_origin(tp) is tuple:
@@ -29,6 +29,16 @@ def field_at(cls: type, loc: Sequence[str | int]) -> FieldInfo | None:
         else:
             return None
     return info
+
+
+def _without_none(tp: Any) -> Any:
+    """`X | None` -> X (and Annotated[X, ...] -> X): what an element or a sub-key of an optional field is."""
+    if typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        kept = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = kept[0] if len(kept) == 1 else tp
+    return tp
 
 
 def type_name(tp: Any) -> str:

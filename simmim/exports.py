@@ -74,8 +74,15 @@ def export_model(model: nn.Module, directory: Path, cfg: Any, id2label: dict[int
         save_cnn(model, directory, meta)
     else:
         model.save_pretrained(directory)
-    eval_image_processor(cfg.model.image_size, cfg.data.mean, cfg.data.std).save_pretrained(directory)
+    processor_of(cfg).save_pretrained(directory)
     save_config(cfg, directory / EXPORT_CONFIG)
+
+
+def processor_of(cfg: Any) -> DeiTImageProcessor:
+    """A run's evaluation preprocessing as a Transformers image processor: its size, its statistics (one
+    per channel) and its integer scale."""
+    d = cfg.data
+    return eval_image_processor(cfg.model.image_size, d.mean, d.std, max_value=getattr(d, "max_value", None))
 
 
 def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:
@@ -127,6 +134,19 @@ class OpenedModel:
     @property
     def std(self) -> list[float]:
         return list(self.processor.image_std)
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.processor.image_mean)
+
+    @property
+    def max_value(self) -> float | None:
+        """What integer pixels were divided by in training: None for their type's range (the processor's
+        1/255 rescale), else data.max_value (the processor's rescale_factor is its inverse)."""
+        if self.run_config is not None:
+            return self.run_config.data.max_value
+        rescale = self.processor.rescale_factor
+        return None if abs(rescale - 1 / 255) < 1e-12 else 1 / rescale
 
 
 def export_dir_of(path: str | Path) -> Path:
@@ -236,8 +256,7 @@ def _open_run_checkpoint(path: Path, what: str) -> OpenedModel:
     model, id2label = _new_model_of(run)
     model.load_state_dict(checkpoint_weights(latest))
     cfg = run.config
-    processor = eval_image_processor(cfg.model.image_size, cfg.data.mean, cfg.data.std)
-    return OpenedModel(model, processor, latest, cfg, path, id2label)
+    return OpenedModel(model, processor_of(cfg), latest, cfg, path, id2label)
 
 
 def _open_bare_file(

@@ -30,7 +30,9 @@ from simmim.data import (
     eval_transform,
     finetune_transform,
 )
+from simmim.data.normalization import check_channels, pixel_args, with_dataset_statistics
 from simmim.data.sources import SubsetSource, balanced_subset, open_split
+from simmim.data.transforms import rand_augment_applies
 from simmim.engine import Task, train
 from simmim.exports import export_model, logits_of, new_deit, open_classifier, open_init
 from simmim.launch import follow_launcher, make_accelerator
@@ -39,7 +41,7 @@ from simmim.models.checkpoint import read_state_dict
 from simmim.models.cnn import CNN_CONFIG, build_cnn, read_cnn_config
 from simmim.models.losses import classification_loss
 from simmim.run_log import RunLog
-from simmim.rundir import METRICS_FILE, prepare_output_dir
+from simmim.rundir import DATASET_STATS, METRICS_FILE, prepare_output_dir
 
 logger = logging.getLogger("simmim.finetune")
 
@@ -162,8 +164,13 @@ class FinetuneTask(Task):
     eval_each_epoch = True
 
     def __init__(self, cfg: FinetuneConfig, accelerator: Accelerator) -> None:
-        self.cfg, self.accelerator, d, head = cfg, accelerator, cfg.data, cfg.model.head
+        d, head = cfg.data, cfg.model.head
         train_source, val_source = open_split(cfg, d.train_split), open_split(cfg, d.val_split)
+        check_channels(train_source, cfg.model.num_channels, d.max_value, d.path)
+        kept = Path(cfg.output_dir) / DATASET_STATS
+        cfg, normalised = with_dataset_statistics(cfg, train_source, kept, write=accelerator.is_main_process)
+        accelerator.print(normalised)
+        self.cfg, self.accelerator, d = cfg, accelerator, cfg.data
         if not train_source.class_names:
             raise ValueError(
                 f"data.path={d.path!r} has no class names: fine-tuning needs class folders, a ClassLabel "
@@ -188,19 +195,22 @@ class FinetuneTask(Task):
         prepare_output_dir(cfg, accelerator, self.model, self.id2label)
         self.teacher = load_teacher(cfg, num_classes).to(accelerator.device) if head == "distill" else None
         a = cfg.aug
+        rand_augment = a.rand_augment and rand_augment_applies(cfg.model.num_channels)
+        if a.rand_augment and not rand_augment:
+            accelerator.print(
+                f"aug.rand_augment: left out, as its colour operations are defined for RGB and "
+                f"model.num_channels={cfg.model.num_channels} (crops, flips, erasing and MixUp/CutMix stay)"
+            )
         transform = finetune_transform(
             cfg.model.image_size,
-            rand_augment=a.rand_augment,
+            rand_augment=rand_augment,
             random_erasing=a.random_erasing,
             scale=a.crop_scale,
-            mean=d.mean,
-            std=d.std,
+            **pixel_args(cfg),
         )
         self.train_set = LabeledImageDataset(train_source, transform)
         self.collate_fn = collate_classification
-        self.val_set = LabeledImageDataset(
-            val_source, eval_transform(cfg.model.image_size, mean=d.mean, std=d.std)
-        )
+        self.val_set = LabeledImageDataset(val_source, eval_transform(cfg.model.image_size, **pixel_args(cfg)))
         self.mix = MixUpCutMix(
             num_classes, mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=a.label_smoothing
         )
@@ -236,7 +246,8 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     cfg = follow_launcher(cfg)  # accelerate launch with an FSDP config: train.fsdp=true
     accelerator = make_accelerator(cfg.train.precision, fsdp=cfg.train.fsdp)
     set_seed(cfg.seed)
-    summary = train(FinetuneTask(cfg, accelerator), cfg)
+    task = FinetuneTask(cfg, accelerator)
+    summary = train(task, task.cfg)  # the config with the data's statistics filled in
     if accelerator.is_main_process:
         metrics = {"epochs": summary["history"], "best": summary["best"]}
         (Path(cfg.output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")

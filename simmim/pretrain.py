@@ -22,6 +22,7 @@ from simmim.data import (
     eval_transform,
     pretrain_transform,
 )
+from simmim.data.normalization import check_channels, pixel_args, with_dataset_statistics
 from simmim.data.sources import open_split, random_subset
 from simmim.engine import Task, train
 from simmim.evaluation.grids import reconstruction_grid
@@ -32,7 +33,7 @@ from simmim.masking import MaskGenerator
 from simmim.models import DeiTForMaskedImageModeling
 from simmim.models.losses import masked_l1, norm_targets, patch_mask_to_pixels, targets_to_pixels
 from simmim.run_log import RunLog
-from simmim.rundir import prepare_output_dir
+from simmim.rundir import DATASET_STATS, prepare_output_dir
 
 GRID_IMAGES = 8
 
@@ -78,14 +79,19 @@ class PretrainTask(Task):
     """SimMIM pretraining for the loop: the masked-image model, its data, its loss and the held-out masked L1."""
 
     def __init__(self, cfg: PretrainConfig, accelerator: Accelerator) -> None:
-        self.cfg, self.accelerator, d = cfg, accelerator, cfg.data
-        # The data first: a wrong path is reported before the run directory is written.
+        d = cfg.data
+        # The data first: a wrong path or channel count is reported before the run directory is written.
         train_source, val_source = open_split(cfg, d.train_split), open_split(cfg, d.val_split)
+        check_channels(train_source, cfg.model.num_channels, d.max_value, d.path)
+        kept = Path(cfg.output_dir) / DATASET_STATS
+        cfg, normalised = with_dataset_statistics(cfg, train_source, kept, write=accelerator.is_main_process)
+        accelerator.print(normalised)
+        self.cfg, self.accelerator, d = cfg, accelerator, cfg.data
         self.model = build_model(cfg)
         prepare_output_dir(cfg, accelerator, self.model)
         masks = mask_generator(cfg)
         self.train_set = MaskedImageDataset(
-            train_source, pretrain_transform(cfg.model.image_size, mean=d.mean, std=d.std), masks
+            train_source, pretrain_transform(cfg.model.image_size, **pixel_args(cfg)), masks
         )
         self.collate_fn = collate_pretrain
         if cfg.train.eval_batches is not None and not val_source.is_streaming:
@@ -95,7 +101,7 @@ class PretrainTask(Task):
                 val_source, cfg.train.eval_batches * d.batch_size, cfg.seed, keep_order=False
             )
         self.val_set = MaskedImageDataset(
-            val_source, eval_transform(cfg.model.image_size, mean=d.mean, std=d.std), masks
+            val_source, eval_transform(cfg.model.image_size, **pixel_args(cfg)), masks
         )
         self.online_probe = online_probe(cfg) if cfg.train.probe_every_steps else None
         self.has_probe = self.online_probe is not None
@@ -140,7 +146,8 @@ class PretrainTask(Task):
             if i == 0 and acc.is_main_process:
                 k = min(GRID_IMAGES, x.shape[0])
                 grid = reconstruction_grid(
-                    x[:k], pixels[:k], m[:k], patch_size=p, mean=cfg.data.mean, std=cfg.data.std
+                    x[:k], pixels[:k], m[:k], patch_size=p, mean=cfg.data.mean, std=cfg.data.std,
+                    bands=cfg.data.display_bands,
                 )
                 log.image("eval/reconstructions", grid, step)
         total = acc.reduce(total, "sum")
@@ -162,7 +169,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     cfg = follow_launcher(cfg)  # accelerate launch with an FSDP config: train.fsdp=true
     accelerator = make_accelerator(cfg.train.precision, fsdp=cfg.train.fsdp)
     set_seed(cfg.seed)
-    return train(PretrainTask(cfg, accelerator), cfg)
+    task = PretrainTask(cfg, accelerator)
+    return train(task, task.cfg)  # the config with the data's statistics filled in
 
 
 def online_probe(cfg: PretrainConfig) -> OnlineProbe:
@@ -180,7 +188,7 @@ def online_probe(cfg: PretrainConfig) -> OnlineProbe:
         raise ValueError(
             f"probe.data={probed.data.path!r} has no labels: train.probe_every_steps needs a labelled dataset"
         )
-    transform = eval_transform(cfg.model.image_size, mean=d.mean, std=d.std)
+    transform = eval_transform(cfg.model.image_size, **pixel_args(cfg))
 
     return OnlineProbe(
         LabeledImageDataset(random_subset(bank, p.bank_images, cfg.seed), transform),

@@ -17,6 +17,7 @@ back. Nothing else in simmim spells these names.
         snapshots/epoch_N/    exports along the way (train.snapshot_epochs)
         metrics.json          fine-tuning: every evaluation and the best
         compile_cache/        inductor's compiled kernels, when the run compiles (simmim.compilation)
+        dataset_stats.json    data.normalize=dataset: the statistics computed at the run's start (DATASET_STATS)
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ EXPORT_DIR = "export"
 SNAPSHOTS_DIR = "snapshots"
 METRICS_FILE = "metrics.json"  # fine-tuning's evaluations; also what every evaluation script writes
 COMPILE_CACHE_DIR = "compile_cache"
+DATASET_STATS = "dataset_stats.json"  # data.normalize=dataset: the statistics the run computed at its start
 EXPORT_CONFIG = "simmim_config.yaml"  # the resolved run config, embedded in every export
 # Inside checkpoints/:
 CHECKPOINTS_DIR = "checkpoints"
@@ -251,5 +253,7 @@ def prepare_output_dir(
             info["model_config"] = model.config.to_dict()
         if id2label is not None:
             info["id2label"] = {str(k): v for k, v in id2label.items()}
+        d = cfg.data  # what the run's pixels were normalised with, and how its integers were scaled
+        info["normalization"] = {"mode": d.normalize, "mean": d.mean, "std": d.std, "max_value": d.max_value}
         (out / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
     accelerator.wait_for_everyone()

@@ -87,7 +87,7 @@ def test_unknown_key_in_recipe_fails(tmp_path):
         ("data.batch_size=null", "data.batch_size=None: expected int"),
         ("data.streaming=1", "data.streaming=1: expected bool"),
         ("optim.base_lr=fast", "optim.base_lr='fast': expected float"),
-        ("data.mean=[0.5, 0.5]", r"data.mean=\[0.5, 0.5\]: expected tuple\[float, float, float\]"),
+        ("data.mean=[0.5, yes]", r"data.mean\[1\]=True: expected float"),
         ("data.mean=[0.5, 0.5, x]", r"data.mean\[2\]='x': expected float"),
         (
             "model.variant=giant",
@@ -184,7 +184,7 @@ def test_configs_are_frozen():
 
 def test_save_and_read_back(tmp_path):
     cfg = load_config(
-        FinetuneConfig, overrides=["output_dir=x", "model.variant=base", "data.mean=[0.5, 0.5, 0.5]"]
+        FinetuneConfig, overrides=["output_dir=x", "model.variant=base", "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.2, 0.2, 0.2]"]
     )
     d = config_to_dict(cfg)
     assert d["data"]["mean"] == [0.5, 0.5, 0.5] and d["model"]["head"] == "cls"

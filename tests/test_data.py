@@ -32,6 +32,7 @@ from simmim.data import (
     pretrain_transform,
 )
 from simmim.data.loader import derive_seed, derive_seeds
+from simmim.data.pixels import to_model_pixels
 from simmim.data.synthetic import SYNTHETIC_CLASSES
 from simmim.masking import MaskGenerator
 
@@ -114,6 +115,7 @@ def _palette_image() -> Image.Image:
 
 
 def test_modes_become_rgb_keeping_their_meaning(tmp_path):
+    """What a 3-channel model takes from each PIL mode: 8-bit ones as RGB images, as before."""
     cases = {
         "L": (Image.new("L", (4, 4), 100), (100, 100, 100)),
         "P": (_palette_image(), (10, 20, 30)),
@@ -121,16 +123,19 @@ def test_modes_become_rgb_keeping_their_meaning(tmp_path):
         "RGBA": (Image.new("RGBA", (4, 4), (0, 0, 0, 0)), (255, 255, 255)),
         "LA": (Image.new("LA", (4, 4), (0, 255)), (0, 0, 0)),
         "CMYK": (Image.new("CMYK", (4, 4), (0, 0, 0, 0)), (255, 255, 255)),
-        # 16-bit is rescaled (40000 / 257 = 155.6), where PIL's convert would clip it to white
-        "I;16": (Image.new("I;16", (4, 4), 40000), (156, 156, 156)),
     }
     for mode, (image, expected) in cases.items():
-        suffix = ".tiff" if mode in ("CMYK", "I;16") else ".png"
-        path = tmp_path / f"{mode.replace(';', '_')}{suffix}"
+        suffix = ".tiff" if mode == "CMYK" else ".png"
+        path = tmp_path / f"{mode}{suffix}"
         image.save(path)
-        decoded = decode_image(path, str(path))
+        decoded = to_model_pixels(decode_image(path, str(path)), 3)
         assert decoded.mode == "RGB", mode
         assert decoded.getpixel((0, 0)) == expected, mode
+    # 16-bit grey keeps its 16 bits (where PIL's convert would clip it to white): 40000 / 65535, as grey RGB
+    path = tmp_path / "I_16.tiff"
+    Image.new("I;16", (4, 4), 40000).save(path)
+    pixels = to_model_pixels(decode_image(path, str(path)), 3)
+    assert pixels.shape == (3, 4, 4) and torch.allclose(pixels, torch.full((3, 4, 4), 40000 / 65535))
 
 
 def test_exif_orientation_is_applied(tmp_path):

@@ -1,9 +1,11 @@
 """Image transforms built from torchvision.transforms.v2: SimMIM pretraining, evaluation (DeiT's resize and
 center crop) and DeiT fine-tuning (RandAugment m9-mstd0.5, random erasing, MixUp/CutMix, label smoothing).
 
-Images stay uint8 (PIL or tensor) through every geometric and colour op and become float32 once, at the
-end, before Normalize. Each transform also says the smallest image it needs (`decode_size`), so that large
-JPEGs can be decoded at a reduced size (see `decode_image`).
+Each transform starts with `ModelPixels`: the model's channel count and [0, 1] value scale (see
+`simmim.data.pixels`). 8-bit images stay uint8 (PIL or tensor) through every geometric and colour op and
+become float32 once, at the end, before Normalize; 16-bit, float and multi-band images are float32
+throughout. Each transform also says the smallest image it needs (`decode_size`), so that large JPEGs can be
+decoded at a reduced size (see `decode_image`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
+from simmim.data.pixels import ModelPixels
 from simmim.models.image_processor import DEFAULT_CROP_PCT, eval_resize_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,7 +35,7 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
 
 
 class ImageTransform(v2.Compose):
-    """A `v2.Compose` from a PIL image to a normalised float32 tensor (3, H, W), plus `decode_size`: the
+    """A `v2.Compose` from a decoded image to a normalised float32 tensor (C, H, W), plus `decode_size`: the
     shortest image side (pixels) that still gives full resolution to the output, or None for any."""
 
     def __init__(self, transforms: list, decode_size: int | None) -> None:
@@ -56,11 +59,14 @@ def pretrain_transform(
     std: Sequence[float] = IMAGENET_STD,
     scale: tuple[float, float] = (0.67, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    num_channels: int = 3,
+    max_value: float | None = None,
 ) -> ImageTransform:
     """SimMIM's pretraining augmentation: random resized crop (bilinear), horizontal flip, normalise."""
     return ImageTransform(
         [
-            v2.PILToTensor(),  # (3, h, w) uint8; resizing uint8 tensors is faster than resizing PIL images
+            ModelPixels(num_channels, max_value),
+            v2.PILToTensor(),  # (C, h, w) uint8; resizing uint8 tensors is faster than resizing PIL images
             v2.RandomResizedCrop(_pair(image_size), scale=scale, ratio=ratio, antialias=True),
             v2.RandomHorizontalFlip(),
             *_to_normalized_float(mean, std),
@@ -75,6 +81,8 @@ def eval_transform(
     crop_pct: float = DEFAULT_CROP_PCT,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    num_channels: int = 3,
+    max_value: float | None = None,
 ) -> ImageTransform:
     """Resize (bicubic) to `eval_resize_size(image_size, crop_pct)` then center crop: 256 -> 224 as DeiT and
     timm evaluate. `simmim.models.image_processor.eval_image_processor` gives the same pixels.
@@ -86,6 +94,7 @@ def eval_transform(
     resize = [eval_resize_size(side, crop_pct) for side in (height, width)]
     return ImageTransform(
         [
+            ModelPixels(num_channels, max_value),
             v2.Resize(resize[0] if isinstance(image_size, int) else resize, v2.InterpolationMode.BICUBIC),
             v2.CenterCrop((height, width)),
             v2.PILToTensor(),
@@ -146,10 +155,18 @@ def finetune_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     scale: tuple[float, float] = (0.08, 1.0),
+    num_channels: int = 3,
+    max_value: float | None = None,
 ) -> ImageTransform:
     """DeiT's training augmentation: random resized crop (bicubic), flip, RandAugment, normalise, and
-    random erasing with per-pixel normal noise (timm's `re_mode="pixel"`); MixUp/CutMix is per batch."""
+    random erasing with per-pixel normal noise (timm's `re_mode="pixel"`); MixUp/CutMix is per batch.
+
+    RandAugment's colour operations are defined for RGB: pass `rand_augment=False` for other channel
+    counts (`rand_augment_applies` says whether it does)."""
+    if rand_augment and not rand_augment_applies(num_channels):
+        raise ValueError(f"RandAugment is defined for RGB images, not num_channels={num_channels}")
     transforms = [
+        ModelPixels(num_channels, max_value),
         v2.PILToTensor(),
         v2.RandomResizedCrop(_pair(image_size), scale=scale, interpolation=v2.InterpolationMode.BICUBIC),
         v2.RandomHorizontalFlip(),
@@ -160,6 +177,12 @@ def finetune_transform(
     if random_erasing > 0:
         transforms.append(v2.RandomErasing(p=random_erasing, value="random"))
     return ImageTransform(transforms, decode_size=_crop_decode_size(image_size, scale[0]))
+
+
+def rand_augment_applies(num_channels: int) -> bool:
+    """RandAugment's colour operations (colour, contrast, brightness, posterize, solarize, equalize,
+    autocontrast) are defined for RGB images only."""
+    return num_channels == 3
 
 
 class MixUpCutMix:

@@ -49,6 +49,7 @@ def eval_image_processor(
     mean: Sequence[float],
     std: Sequence[float],
     crop_pct: float = DEFAULT_CROP_PCT,
+    max_value: float | None = None,
 ) -> DeiTImageProcessor:
     """The processor of `simmim.data.eval_transform(image_size, crop_pct=...)`, pixel for pixel: bicubic
     resize to `eval_resize_size` (an int `image_size`: of the shortest side, keeping the aspect ratio; a
@@ -58,7 +59,11 @@ def eval_image_processor(
     else:
         height, width = image_size
         size = {"height": eval_resize_size(height, crop_pct), "width": eval_resize_size(width, crop_pct)}
-    return DeiTImageProcessor(size=size, crop_size=image_size, image_mean=list(mean), image_std=list(std))
+    # integer pixels scale by 1/255 (8 bits), or by 1/max_value when the run set data.max_value
+    rescale = 1 / 255 if max_value is None else 1 / max_value
+    return DeiTImageProcessor(
+        size=size, crop_size=image_size, image_mean=list(mean), image_std=list(std), rescale_factor=rescale
+    )
 
 
 def _size_dict(
@@ -88,10 +93,11 @@ class DeiTImageProcessor:
         resample: PIL resampling code (3 = bicubic).
         do_center_crop: crop the center `crop_size` (default 224x224).
         crop_size: {"height", "width"} of the crop.
-        rescale_factor: multiply uint8 values by this (1/255).
+        rescale_factor: multiply integer values by this (1/255 for 8 bits; 1/65535 for 16-bit arrays).
         do_rescale: apply `rescale_factor` (switch off for inputs already in [0, 1]).
         do_normalize: subtract `image_mean` and divide by `image_std` per channel.
-        image_mean, image_std: normalisation (Transformers' default 0.5, 0.5).
+        image_mean, image_std: normalisation, one value per channel (Transformers' default 0.5, 0.5 for
+            RGB); a one-channel image is repeated to three for a model of three.
     """
 
     model_input_names = ["pixel_values"]
@@ -149,8 +155,10 @@ class DeiTImageProcessor:
         return {"pixel_values": batch}
 
     def _one(self, image: Any) -> torch.Tensor:
+        channels = len(self.image_mean)
         if isinstance(image, PIL.Image.Image):
-            image = image.convert("RGB") if image.mode not in ("RGB", "L") else image
+            if channels == 3 and image.mode not in ("RGB", "L"):
+                image = image.convert("RGB")
             if self.do_resize:  # PIL's own resize, as Transformers does, for identical pixels
                 image = TF.resize(image, self._resize_to(), _RESAMPLE[self.resample])
             x = TF.pil_to_tensor(image)  # (C, H, W) uint8
@@ -167,8 +175,8 @@ class DeiTImageProcessor:
                 )
             if self.do_resize:
                 x = TF.resize(x, self._resize_to(), _RESAMPLE[self.resample], antialias=True)
-        if x.shape[0] == 1:
-            x = x.expand(3, -1, -1)
+        if x.shape[0] == 1 and channels == 3:
+            x = x.expand(3, -1, -1)  # grey as grey RGB
         if self.do_center_crop:
             x = TF.center_crop(x, [self.crop_size["height"], self.crop_size["width"]])
         x = x.to(torch.float32)
