@@ -162,7 +162,9 @@ class ModelConfig:
     drop_path_rate: Float = Field(0.0, ge=0, lt=1)
     init: Str = Field(
         "scratch",
-        description='finetune only: SimMIM export/run dir, Transformers dir, timm file, or "scratch"',
+        description='"scratch", or the model to start from: a SimMIM run or export, a Transformers DeiT/ViT '
+        "directory or a timm file; its architecture is used (fine-tuning: the encoder and a head that fits; "
+        "pretraining: continued SimMIM, the encoder and its decoder and mask token if it has them)",
     )
     position_embedding_init: Literal["random", "sincos"] = Field(
         "random",
@@ -418,7 +420,6 @@ class PretrainConfig:
         _check(d.label_fraction == 1.0, "data.label_fraction", d.label_fraction,
                "be 1.0: pretraining uses no labels")  # fmt: skip
         _check(m.head == "mim", "model.head", m.head, 'be "mim" for pretraining')
-        _check(m.init == "scratch", "model.init", m.init, 'be "scratch": pretraining starts from scratch')
         # SimMIM's mask generator works on a grid of mask patches, each a whole number of model patches.
         mp = self.mask.patch_size
         _check(mp % p == 0, "mask.patch_size", mp, f"be a multiple of model.patch_size={p}")
@@ -431,9 +432,9 @@ class PretrainConfig:
                "name a labelled map-style dataset for train.probe_every_steps with data.streaming=true: the "
                "probe draws seeded subsets, which a stream cannot")  # fmt: skip
         depth, layer = deit_config_kwargs(m)["num_hidden_layers"], self.probe.layer
-        _check(
-            layer is None or layer <= depth, "probe.layer", layer, f"be a block of the encoder (1..{depth})"
-        )
+        # With model.init the depth is the checkpoint's, known when it is opened (the probe checks it then).
+        _check(layer is None or layer <= depth or m.init != "scratch", "probe.layer", layer,
+               f"be a block of the encoder (1..{depth})")  # fmt: skip
 
 
 @dataclass(frozen=True, config=_STRICT_KEYS)
