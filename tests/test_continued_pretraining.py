@@ -238,7 +238,7 @@ def bad_inits(tmp_path: pathlib.Path) -> dict[str, tuple[pathlib.Path, str]]:
         "another patch size": (tmp_path / "patch4", "patch_size=4, expected patch_size=8"),
         "no encoder": (headless, "holds no complete DeiT/ViT encoder"),
         "a CNN classifier": (tmp_path / "cnn", "expected a DeiT checkpoint"),
-        "a pickle": (tmp_path / "evil.pth", "expected safetensors or a torch file of tensors"),
+        "a pickle": (tmp_path / "evil.pth", "simmim does not unpickle objects"),
     }
 
 

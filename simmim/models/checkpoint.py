@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,10 @@ def read_state_dict(file: str | Path) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # safetensors and torch raise several types for truncated or foreign files
-        # torch's refusal to unpickle runs to a page: its first line says enough.
+        # torch's refusal to unpickle runs to a page and suggests weights_only=False, which simmim never uses.
         reason = (str(e).strip().splitlines() or [""])[0]
+        if isinstance(e, pickle.UnpicklingError):
+            reason = "it is not tensors alone, and simmim does not unpickle objects"
         raise ValueError(
             f"could not read checkpoint {file} (expected safetensors or a torch file of tensors): "
             f"{type(e).__name__}: {reason}"
