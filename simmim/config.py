@@ -12,20 +12,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BeforeValidator, ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
-from simmim.bounded_yaml import read_yaml
-from simmim.config_fields import field_at, one_line_error, type_name
+# reading and writing configs live in config_io; re-exported here, where callers look for them
+from simmim.config_io import config_from_dict, config_to_dict, load_config, save_config  # noqa: F401
 from simmim.models import DeiTConfig
 from simmim.models.configuration import VARIANTS
-
-T = TypeVar("T")
 
 # PyYAML follows YAML 1.1, which reads "1e-4" (no dot) as a string; float fields accept such numbers.
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -206,7 +201,9 @@ class ModelConfig:
     drop_path_rate: Float = Field(0.0, ge=0, lt=1)
     init: Str = Field(
         "scratch",
-        description='finetune only: SimMIM export/run dir, Transformers dir, timm file, or "scratch"',
+        description='"scratch", or the model to start from: a SimMIM run or export, a Transformers DeiT/ViT '
+        "directory or a timm file; its architecture is used (fine-tuning: the encoder and a head that fits; "
+        "pretraining: continued SimMIM, the encoder and its decoder and mask token if it has them)",
     )
     position_embedding_init: Literal["random", "sincos"] = Field(
         "random",
@@ -463,7 +460,6 @@ class PretrainConfig:
         _check(d.label_fraction == 1.0, "data.label_fraction", d.label_fraction,
                "be 1.0: pretraining uses no labels")  # fmt: skip
         _check(m.head == "mim", "model.head", m.head, 'be "mim" for pretraining')
-        _check(m.init == "scratch", "model.init", m.init, 'be "scratch": pretraining starts from scratch')
         # SimMIM's mask generator works on a grid of mask patches, each a whole number of model patches.
         mp = self.mask.patch_size
         _check(mp % p == 0, "mask.patch_size", mp, f"be a multiple of model.patch_size={p}")
@@ -476,9 +472,9 @@ class PretrainConfig:
                "name a labelled map-style dataset for train.probe_every_steps with data.streaming=true: the "
                "probe draws seeded subsets, which a stream cannot")  # fmt: skip
         depth, layer = deit_config_kwargs(m)["num_hidden_layers"], self.probe.layer
-        _check(
-            layer is None or layer <= depth, "probe.layer", layer, f"be a block of the encoder (1..{depth})"
-        )
+        # With model.init the depth is the checkpoint's, known when it is opened (the probe checks it then).
+        _check(layer is None or layer <= depth or m.init != "scratch", "probe.layer", layer,
+               f"be a block of the encoder (1..{depth})")  # fmt: skip
 
 
 @dataclass(frozen=True, config=_STRICT_KEYS)
@@ -556,79 +552,3 @@ def deit_config(model: ModelConfig, **config_kwargs: Any) -> DeiTConfig:
 
 
 # ----------------------------------------------------------------------------------- building configs
-
-
-def _set_dotted(tree: dict, key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    for name in parents:
-        node = tree.setdefault(name, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"{name}={node!r}: expected a mapping of keys to values")
-        tree = node
-    if isinstance(value, dict) and isinstance(tree.get(leaf), dict):
-        for k, v in value.items():
-            _set_dotted(tree[leaf], str(k), v)
-    else:
-        tree[leaf] = value
-
-
-def _parse_override(cls: type, item: str) -> tuple[str, Any]:
-    """``key.sub=value`` -> (key, value) with the value read by ``yaml.safe_load``."""
-    key, sep, text = item.partition("=")
-    if not sep or not key:
-        raise ValueError(f"override {item!r}: expected key.sub=value")
-    info = field_at(cls, key.split("."))  # None for unknown keys: validation reports them
-    accepts_str = info is not None and "str" in type_name(info.annotation).split(" | ")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        if not accepts_str:
-            raise ValueError(f"{key}={text!r}: not valid YAML") from None
-        value = text
-    # A string field keeps the text as typed: data.path=2024 is a folder, not the number 2024.
-    if accepts_str and value is not None and not isinstance(value, str):
-        value = text
-    return key, value
-
-
-def config_from_dict(cls: type[T], d: dict) -> T:
-    """Strictly build and validate ``cls`` from a nested dict (e.g. a saved config.yaml)."""
-    if isinstance(d, dict):
-        # A section given in part keeps the rest of its parent's default (FinetuneConfig's model.head="cls").
-        d = dict(d)
-        for name, info in cls.__pydantic_fields__.items():
-            if dataclasses.is_dataclass(info.annotation) and isinstance(d.get(name), dict):
-                d[name] = {**config_to_dict(info.get_default(call_default_factory=True)), **d[name]}
-    try:
-        return TypeAdapter(cls).validate_python(d)
-    except ValidationError as e:
-        raise ValueError(one_line_error(cls, d, e.errors()[0])) from None
-
-
-def load_config(cls: type[T], recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults of ``cls``, then the recipe YAML, then ``key.sub=value`` overrides; validated."""
-    tree: dict = {}
-    if recipe is not None:
-        if not Path(recipe).is_file():
-            raise FileNotFoundError(f"--recipe {str(recipe)!r}: no such file")
-        try:
-            tree = read_yaml(Path(recipe).read_text(), f"recipe {str(recipe)!r}") or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"recipe {str(recipe)!r} is not valid YAML: {' '.join(str(e).split())}") from e
-        if not isinstance(tree, dict):
-            raise ValueError(f"recipe {str(recipe)!r}: expected a mapping of keys to values")
-    for item in overrides:
-        _set_dotted(tree, *_parse_override(cls, item))
-    return config_from_dict(cls, tree)
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Nested dict of plain JSON/YAML values (tuples become lists)."""
-    return TypeAdapter(type(cfg)).dump_python(cfg, mode="json")
-
-
-def save_config(cfg: Any, path: str | Path) -> None:
-    """Write ``cfg`` as YAML; ``load_config(type(cfg), path)`` reads it back."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

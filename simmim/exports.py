@@ -7,7 +7,8 @@ A path may be
   or a simmim CNN export (`cnn_config.json`);
 - a weights file with a `config.json` beside it, or a bare timm ViT/DeiT state dict, whose architecture is
   read from its tensor shapes.
-Every error names the path and what was expected, in one line.
+Transformers' ViT (`ViTModel`, `ViTForMaskedImageModeling`) opens as a DeiT, its distillation token a copy of
+the class token. Every error names the path and what was expected, in one line.
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ def open_model(
     num_heads: int | None = None,
     ignore_mismatched_sizes: bool = False,
     default_cls: type[nn.Module] = DeiTModel,
+    require: dict[str, Any] | None = None,
     **config_overrides: Any,
 ) -> OpenedModel:
     """Open the model at `path` (see the module's docstring for what it may be).
@@ -191,7 +193,9 @@ def open_model(
         bare_file_config: the architecture of a weights file without config.json (default: read from a timm
             state dict's shapes, with `num_heads` heads, width / 64 by default).
         ignore_mismatched_sizes, config_overrides: as `DeiTPreTrainedModel.from_pretrained` (a head for other
-            labels, another image size); for a checkpoint with its own config.json.
+            labels, another image size or channel count).
+        require: DeiTConfig fields the checkpoint must have ({"patch_size": 8}), checked before the weights
+            are read.
     """
     path = Path(path)
     if not path.exists():
@@ -219,12 +223,19 @@ def open_model(
                 "export, a Transformers DeiT directory or a weights file (scripts/export.py writes an export "
                 "from a run's checkpoint)"
             )
-        model, info = _open_bare_file(
-            path, cls or DeiTModel, what, bare_file_config, num_heads, ignore_mismatched_sizes
+        config = bare_file_config or _timm_config(path, what, num_heads)
+        _check_required(config, require, path, what)
+        model, info = (cls or DeiTModel).from_pretrained(
+            path,
+            config=config,
+            output_loading_info=True,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
+            **config_overrides,
         )
         processor = eval_image_processor(model.config.image_hw[0], IMAGENET_MEAN, IMAGENET_STD)
         return OpenedModel(model, processor, path, info=info)
     config = DeiTConfig.from_pretrained(config_dir)
+    _check_required(config, require, path, what)
     if cls is None:
         arch = (config.extra.get("architectures") or [default_cls.__name__])[0]
         if arch not in DEIT_CLASSES:
@@ -259,24 +270,25 @@ def _open_run_checkpoint(path: Path, what: str) -> OpenedModel:
     return OpenedModel(model, processor_of(cfg), latest, cfg, path, id2label)
 
 
-def _open_bare_file(
-    path: Path,
-    cls: type[nn.Module],
-    what: str,
-    config: DeiTConfig | None,
-    num_heads: int | None,
-    ignore_mismatched_sizes: bool,
-) -> tuple[nn.Module, dict[str, list[str]]]:
-    if config is None:
+def _timm_config(path: Path, what: str, num_heads: int | None) -> DeiTConfig:
+    """The architecture of a weights file without config.json: a timm ViT/DeiT's, from its shapes."""
+    try:
         sd = read_state_dict(path)
-        if "patch_embed.proj.weight" not in sd:
+    except ValueError as e:
+        raise ValueError(f"{what}={str(path)!r}: {e}") from e
+    if "patch_embed.proj.weight" not in sd:
+        raise ValueError(
+            f"{what}={str(path)!r} is not a timm ViT/DeiT state dict and has no config.json beside it"
+        )
+    return config_from_timm(sd, num_heads)
+
+
+def _check_required(config: DeiTConfig, require: dict[str, Any] | None, path: Path, what: str) -> None:
+    for name, value in (require or {}).items():
+        if getattr(config, name) != value:
             raise ValueError(
-                f"{what}={str(path)!r} is not a timm ViT/DeiT state dict and has no config.json beside it"
+                f"{what}={str(path)!r} is a model with {name}={getattr(config, name)}, expected {name}={value}"
             )
-        config = config_from_timm(sd, num_heads)
-    return cls.from_pretrained(
-        path, config=config, output_loading_info=True, ignore_mismatched_sizes=ignore_mismatched_sizes
-    )
 
 
 def config_from_timm(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> DeiTConfig:
@@ -321,18 +333,32 @@ def logits_of(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output
 
 
-def open_init(model: ModelConfig, cls: type[nn.Module], labels: dict[str, Any]) -> OpenedModel:
-    """Fine-tuning's `model.init`: the checkpoint's architecture, this run's resolution, regularisation and
-    labels (`labels`: id2label and label2id); a head of another shape is left new."""
-    overrides = {"image_size": model.image_size, "drop_path_rate": model.drop_path_rate, **labels}
+def open_init(model: ModelConfig, cls: type[nn.Module], labels: dict[str, Any] | None = None) -> OpenedModel:
+    """`model.init` as a `cls`: fine-tuning's classifier (`labels`: id2label and label2id) or pretraining's
+    DeiTForMaskedImageModeling (continued pretraining).
+
+    The architecture (width, depth, heads, MLP, patch size) is the checkpoint's: its config.json's, or a
+    bare timm file's shapes with model.num_attention_heads heads (unset: width / 64). This run's image size
+    (position embeddings resized), channels (an RGB patch embedding adapted), regularisation and labels
+    replace the checkpoint's; a head of another shape is left new. For pretraining, the checkpoint's patch
+    size must be model.patch_size: the mask and the decoder are built for it.
+    """
+    labels = labels or {}
+    overrides = {"image_size": model.image_size, "num_channels": model.num_channels, **labels}
+    overrides["drop_path_rate"] = model.drop_path_rate
     for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
         if getattr(model, name) is not None:
             overrides[name] = getattr(model, name)
+    require = None
+    if cls is MODEL_FOR_HEAD["mim"]:
+        require = {"patch_size": model.patch_size}
+        overrides["encoder_stride"] = model.patch_size  # the decoder's upsampling: one patch per token
     return open_model(
         model.init,
         cls,
         what="model.init",
-        bare_file_config=deit_config(model, **labels),
-        ignore_mismatched_sizes=True,
+        num_heads=model.num_attention_heads,
+        ignore_mismatched_sizes=cls is not MODEL_FOR_HEAD["mim"],
+        require=require,
         **overrides,
     )

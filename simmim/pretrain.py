@@ -1,5 +1,8 @@
 """SimMIM pretraining (Xie et al., 2022) of a DeiT encoder: the task (data, model, loss and evaluation) that
 `simmim.engine.train` runs. `scripts/pretrain.py` is the command line.
+
+With `model.init`, continued pretraining: SimMIM starts from an existing model (`continue_from`), as
+domain-adaptive pretraining does, at step 0 with a new optimizer and schedule.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from simmim.batches import evaluation_loader
-from simmim.config import LossConfig, PretrainConfig
+from simmim.config import LossConfig, ModelConfig, PretrainConfig
 from simmim.data import (
     LabeledImageDataset,
     MaskedImageDataset,
@@ -27,19 +30,101 @@ from simmim.data.sources import open_split, random_subset
 from simmim.engine import Task, train
 from simmim.evaluation.grids import reconstruction_grid
 from simmim.evaluation.probe import OnlineProbe
-from simmim.exports import export_model, new_deit
+from simmim.exports import OpenedModel, export_model, new_deit, open_init
 from simmim.launch import follow_launcher, make_accelerator
 from simmim.masking import MaskGenerator
 from simmim.models import DeiTForMaskedImageModeling
 from simmim.models.losses import masked_l1, norm_targets, patch_mask_to_pixels, targets_to_pixels
 from simmim.run_log import RunLog
-from simmim.rundir import DATASET_STATS, prepare_output_dir
+from simmim.rundir import DATASET_STATS, latest_checkpoint, prepare_output_dir, read_run
 
 GRID_IMAGES = 8
 
 
-def build_model(cfg: PretrainConfig) -> DeiTForMaskedImageModeling:
-    return new_deit(DeiTForMaskedImageModeling, cfg.model)
+# What a SimMIM model may find missing in model.init and start new: its SimMIM parts, and the
+# distillation token of a checkpoint without one (a ViT), which starts as a copy of the class token.
+MAY_START_NEW = ("decoder.", "deit.embeddings.mask_token", "deit.embeddings.distillation_token")
+# The parts that continued pretraining keeps when the checkpoint has them, by name for the report.
+SIMMIM_PARTS = {
+    "decoder": ("decoder.0.weight", "decoder.0.bias"),
+    "mask token": ("deit.embeddings.mask_token",),
+}
+# Architecture fields that model.init's checkpoint decides: set ones that disagree are reported as ignored.
+CHECKPOINT_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+)
+
+
+def build_model(cfg: PretrainConfig) -> tuple[DeiTForMaskedImageModeling, str | None]:
+    """A new model, or with model.init the checkpoint to continue from and the report of what was kept. A
+    resumed run is rebuilt from its run.json: the loop loads its own checkpoint, and model.init is not read."""
+    if cfg.model.init == "scratch":
+        return new_deit(DeiTForMaskedImageModeling, cfg.model), None
+    if latest_checkpoint(cfg.output_dir) is not None:
+        note = f"resuming {cfg.output_dir}: its own checkpoint, not model.init={cfg.model.init!r}"
+        return read_run(cfg.output_dir).new_model(), note
+    return continue_from(cfg.model)
+
+
+def continue_from(model: ModelConfig) -> tuple[DeiTForMaskedImageModeling, str]:
+    """SimMIM's model from `model.init` (`simmim.exports.open_init`): the checkpoint's encoder and
+    architecture, its decoder and mask token where it has them; and the report of what is kept and new."""
+    opened = open_init(model, DeiTForMaskedImageModeling)
+    new = set(opened.info["missing_keys"]) | set(opened.info["mismatched_keys"])
+    lacking = sorted(k for k in new if not k.startswith(MAY_START_NEW))
+    if lacking:
+        raise ValueError(
+            f"model.init={model.init!r} holds no complete DeiT/ViT encoder (it lacks {len(lacking)} tensors, "
+            f"{', '.join(lacking[:3])}, ...): expected a SimMIM model, a DeiT or ViT encoder, or a classifier "
+            "built on one"
+        )
+    return opened.model, init_report(opened, model)
+
+
+def init_report(opened: OpenedModel, model: ModelConfig) -> str:
+    """One block: what continued pretraining keeps from `opened`, what it adapts and what starts new."""
+    info, config = opened.info, opened.model.config
+    new, mismatched = set(info["missing_keys"]), set(info["mismatched_keys"])
+    arch = (
+        f"width {config.hidden_size}, {config.num_hidden_layers} blocks, {config.num_attention_heads} heads, "
+        f"MLP {config.intermediate_size}, patch {config.patch_size}"
+    )
+    read = f" ({opened.path})" if str(opened.path) != model.init else ""  # a run directory: its export
+    lines = [f"continued pretraining from model.init={model.init!r}{read}:"]
+    lines.append(f"  kept:    the encoder ({arch})")
+    for name, keys in SIMMIM_PARTS.items():
+        if mismatched & set(keys):
+            lines.append(f"  new:     the {name} (the checkpoint's is for other channels)")
+        elif new & set(keys):
+            lines.append(f"  new:     the {name} (the checkpoint has none)")
+        else:
+            lines.append(f"  kept:    the {name}")
+    if "deit.embeddings.distillation_token" in new:
+        lines.append("  new:     the distillation token, a copy of the class token (the checkpoint has none)")
+    if info["resized_keys"]:
+        grid = "x".join(map(str, config.grid_size))
+        lines.append(f"  resized: the position embeddings, to the {grid} patch grid of {model.image_size} px")
+    if info["adapted_keys"]:
+        lines.append(
+            f"  adapted: the patch embedding, from 3 channels to {config.num_channels} (timm's adapt_input_conv)"
+        )
+    if info["unexpected_keys"]:
+        lines.append(f"  unused:  {', '.join(info['unexpected_keys'])}")
+    ignored = [
+        f"model.{f}={getattr(model, f)}"
+        for f in CHECKPOINT_FIELDS
+        if getattr(model, f) is not None and getattr(model, f) != getattr(config, f)
+    ]
+    if ignored:
+        lines.append(f"  ignored: {', '.join(ignored)} (the architecture is the checkpoint's)")
+    lines.append(
+        "  from 0:  the step, the optimizer and the schedule (to resume, run the same command again)"
+    )
+    return "\n".join(lines)
 
 
 def mask_generator(cfg: PretrainConfig, mask_ratio: float | None = None) -> MaskGenerator:
@@ -87,7 +172,9 @@ class PretrainTask(Task):
         cfg, normalised = with_dataset_statistics(cfg, train_source, kept, write=accelerator.is_main_process)
         accelerator.print(normalised)
         self.cfg, self.accelerator, d = cfg, accelerator, cfg.data
-        self.model = build_model(cfg)
+        self.model, report = build_model(cfg)
+        if report is not None:
+            accelerator.print(report)
         prepare_output_dir(cfg, accelerator, self.model)
         masks = mask_generator(cfg)
         self.train_set = MaskedImageDataset(

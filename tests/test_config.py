@@ -129,7 +129,6 @@ def test_values_are_coerced_to_the_annotation():
         (PretrainConfig, ["mask.ratio=1.0"], "mask.ratio"),
         (PretrainConfig, ["mask.patch_size=24"], "mask.patch_size"),  # not a multiple of 16
         (PretrainConfig, ["model.head=cls"], "model.head"),
-        (PretrainConfig, ["model.init=runs/a"], "model.init"),
         (PretrainConfig, ["data.batch_size=0"], "data.batch_size"),
         (PretrainConfig, ["data.std=[0.2, 0.0, 0.2]"], "data.std"),
         (PretrainConfig, ["model.num_attention_heads=5"], "model.num_attention_heads"),  # 192 % 5

@@ -16,6 +16,7 @@ PACKAGE = ROOT / "simmim"
 LAYERS = [
     ["simmim.models"],
     ["simmim.errors", "simmim.config_fields", "simmim.bounded_yaml", "simmim.precision", "simmim.masking"],
+    ["simmim.config_io"],
     ["simmim.config"],
     ["simmim.data"],
     ["simmim.rundir", "simmim.optim", "simmim.launch"],

@@ -1,9 +1,10 @@
-"""Checkpoint formats: Transformers (both key namings), timm DeiT, and simmim's own module names.
+"""Checkpoint formats: Transformers (both key namings, DeiT and ViT), timm DeiT/ViT, and simmim's own names.
 
 simmim's modules use a fused `attention.qkv`; on disk we write Transformers' layout
 (`deit.encoder.layer.N.attention.attention.query.weight`, ...) so `transformers.DeiT*.from_pretrained`
 loads our exports unchanged. Reading accepts that layout, Transformers 5's in-memory names
-(`deit.layers.N.attention.q_proj`), timm's (`blocks.N.attn.qkv`, `pos_embed`, `head_dist`) and ours.
+(`deit.layers.N.attention.q_proj`), Transformers' ViT heads (`vit.`), timm's (`blocks.N.attn.qkv`, `pos_embed`,
+`head_dist`) and ours. An RGB patch embedding is adapted to other channel counts as timm's `adapt_input_conv`.
 Only safetensors or `torch.load(weights_only=True)`: nothing is unpickled.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -69,7 +71,14 @@ def read_state_dict(file: str | Path) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # safetensors and torch raise several types for truncated or foreign files
-        raise ValueError(f"could not read checkpoint {file}: {type(e).__name__}: {e}") from e
+        # torch's refusal to unpickle runs to a page and suggests weights_only=False, which simmim never uses.
+        reason = (str(e).strip().splitlines() or [""])[0]
+        if isinstance(e, pickle.UnpicklingError):
+            reason = "it is not tensors alone, and simmim does not unpickle objects"
+        raise ValueError(
+            f"could not read checkpoint {file} (expected safetensors or a torch file of tensors): "
+            f"{type(e).__name__}: {reason}"
+        ) from e
     # Training checkpoints (DeiT's main.py, timm's train.py) wrap the weights.
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
@@ -230,6 +239,9 @@ def to_our_state_dict(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> di
         sd = _timm_to_ours(sd, head_name)
     elif fmt == "transformers":
         sd = _transformers_to_ours(sd)
+    # Transformers' ViT heads (ViTForMaskedImageModeling, ViTForImageClassification) hold their encoder in `vit.`.
+    if not any(k.startswith("deit.") for k in sd):
+        sd = {"deit." + k.removeprefix("vit.") if k.startswith("vit.") else k: v for k, v in sd.items()}
     # A bare DeiTModel has no "deit." prefix; a head class needs it. Convert whichever way the target wants.
     target_prefixed = any(k.startswith("deit.") for k in target_keys)
     source_prefixed = any(k.startswith("deit.") for k in sd)
@@ -287,6 +299,46 @@ def adapt_embeddings(
     return sd, created, resized
 
 
+def adapt_input_channels(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """An RGB patch embedding (D, 3, p, p) -> (D, channels, p, p), as timm's `adapt_input_conv`: one channel
+    gets the sum of the RGB kernels (a grey image's response equals the RGB model's on its three copies);
+    more get the RGB kernels repeated and cut to `channels`, scaled by 3 / channels so that the response to
+    a constant image keeps its size."""
+    dtype, weight = weight.dtype, weight.float()
+    if channels == 1:
+        adapted = weight.sum(dim=1, keepdim=True)  # (D, 1, p, p)
+    else:
+        repeats = math.ceil(channels / 3)
+        adapted = weight.repeat(1, repeats, 1, 1)[:, :channels] * (3 / channels)  # (D, channels, p, p)
+    return adapted.to(dtype)
+
+
+def adapt_channels(
+    sd: dict[str, torch.Tensor], model: torch.nn.Module, file: Path
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Fit a checkpoint of another channel count to `model.config.num_channels`: its RGB patch embedding
+    adapted (`adapt_input_channels`), a SimMIM decoder's output conv (encoder_stride**2 * channels outputs)
+    dropped to be newly initialised. Returns the state dict, the keys adapted and the keys dropped."""
+    prefix = "deit." if any(k.startswith("deit.") for k in model.state_dict()) else ""
+    key, channels = f"{prefix}embeddings.patch_embeddings.projection.weight", model.config.num_channels
+    if key not in sd or sd[key].shape[1] == channels:
+        return sd, [], []
+    source = sd[key].shape[1]
+    if source != 3:
+        raise ValueError(
+            f"{file}: its patch embedding takes {source} channels and the model {channels}; only an RGB "
+            "(3-channel) patch embedding can be adapted to another channel count"
+        )
+    sd[key] = adapt_input_channels(sd[key], channels)
+    expected = model.state_dict()
+    dropped = [k for k in ("decoder.0.weight", "decoder.0.bias") if k in sd and k in expected]
+    dropped = [k for k in dropped if sd[k].shape != expected[k].shape]
+    for k in dropped:
+        del sd[k]
+    logger.info("adapted %s from %d to %d channels", key, source, channels)
+    return sd, [key], dropped
+
+
 # ---------------------------------------------------------------------------------------------- public API
 def save_pretrained(model: torch.nn.Module, save_directory: str | Path) -> None:
     """`config.json` (with `architectures`) + `model.safetensors` in Transformers' layout, written atomically."""
@@ -310,7 +362,9 @@ def from_pretrained(
     """Build `cls` and load any supported checkpoint into it. Returns (model, loading info).
 
     With `ignore_mismatched_sizes`, tensors whose shape differs from the model's (a 1000-class head loaded
-    for 10 classes) stay newly initialised and are listed in `mismatched_keys`; otherwise they raise.
+    for 10 classes) stay newly initialised and are listed in `mismatched_keys`; otherwise they raise. An
+    RGB checkpoint loaded for other `num_channels` has its patch embedding adapted (`adapted_keys`) and a
+    SimMIM decoder's output conv left new (`mismatched_keys`), see `adapt_channels`.
     """
     path = Path(path)
     if path.is_dir():
@@ -335,8 +389,8 @@ def from_pretrained(
     model = cls(config)
     sd = to_our_state_dict(read_state_dict(file), model)
     sd, created, resized = adapt_embeddings(sd, model, src_config, file)
+    sd, adapted, mismatched = adapt_channels(sd, model, file)
     expected = model.state_dict()
-    mismatched = []
     for key, value in list(sd.items()):
         if key in expected and value.shape != expected[key].shape:
             if ignore_mismatched_sizes:
@@ -353,6 +407,7 @@ def from_pretrained(
         "mismatched_keys": sorted(mismatched),
         "unexpected_keys": sorted(k for k in sd if k not in expected),
         "resized_keys": resized,
+        "adapted_keys": adapted,
     }
     if info["missing_keys"]:
         logger.info("%s: newly initialised (not in %s): %s", cls.__name__, file, info["missing_keys"])

@@ -355,7 +355,7 @@ class DeiTPreTrainedModel(nn.Module):
             config: the configuration to build; default: the checkpoint's, updated by `config_overrides`
                 (e.g. `num_labels=10`, `image_size=64`).
             output_loading_info: also return `{"missing_keys", "unexpected_keys", "mismatched_keys",
-                "resized_keys"}`.
+                "resized_keys", "adapted_keys"}` (adapted: an RGB patch embedding fitted to num_channels).
             ignore_mismatched_sizes: leave tensors of another shape (a head for other labels) newly
                 initialised instead of raising.
         """
