@@ -36,6 +36,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="run the models under bfloat16 autocast")
+    parser.add_argument(
+        "--display-bands",
+        type=lambda text: [int(b) for b in text.split(",")],
+        help="channels shown as red,green,blue (e.g. 3,2,1), or one as grey; default: the run's "
+        "data.display_bands, else the first three",
+    )
     parser.add_argument("--out", required=True, help="directory to write")
     args = parser.parse_args()
     if args.num_images < 0 or args.batch_size < 1:

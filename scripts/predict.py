@@ -4,7 +4,10 @@
 
 Prints one JSON line per image, like Transformers' image-classification pipeline:
     {"image": "photo.jpg", "predictions": [{"label": "tench", "score": 0.93}, ...]}
-Images that cannot be decoded are reported on stderr and skipped.
+Images that cannot be decoded, or have another channel count than the model's, are reported on stderr and
+skipped. Images of any bit depth and channel count are read as training read them (the model's
+num_channels; integers scaled by their type's range or the run's data.max_value), then preprocessed by the
+export's preprocessor_config.json (its size and per-channel statistics).
 """
 
 import argparse
@@ -13,9 +16,11 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from simmim.cli import run_main
 from simmim.data import decode_image
+from simmim.data.pixels import to_model_pixels
 from simmim.data.decoding import IMAGE_EXTENSIONS
 from simmim.exports import logits_of, open_classifier
 
@@ -43,14 +48,22 @@ def main() -> int:
     model, processor, id2label = opened.model, opened.processor, opened.id2label
     k = min(args.top_k, len(id2label))
     for start in range(0, len(files), args.batch_size):
-        chunk = [(f, decode_image(f, str(f))) for f in files[start : start + args.batch_size]]
-        for f, image in chunk:
+        chunk = []
+        for f in files[start : start + args.batch_size]:
+            image = decode_image(f, str(f))
             if image is None:
                 print(f"skipped {f}: not a readable image", file=sys.stderr)
-        chunk = [(f, image) for f, image in chunk if image is not None]
+                continue
+            try:
+                chunk.append((f, to_model_pixels(image, opened.num_channels, opened.max_value, str(f))))
+            except ValueError as error:  # another channel count, or non-finite pixels
+                print(f"skipped {f}: {error}", file=sys.stderr)
         if not chunk:
             continue
-        pixel_values = processor([image for _, image in chunk])["pixel_values"]
+        # 8-bit images come as PIL images (rescaled by the processor), the others as [0, 1] float tensors
+        pixel_values = torch.cat(
+            [processor(image, do_rescale=isinstance(image, Image.Image))["pixel_values"] for _, image in chunk]
+        )
         with torch.no_grad():
             probs = logits_of(model(pixel_values)).softmax(-1)
         scores, indices = probs.topk(k, dim=-1)

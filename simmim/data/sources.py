@@ -33,7 +33,7 @@ logger = logging.getLogger("simmim.data")
 
 # names a requested split may be found under, in order of preference
 _SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "val", "valid", "test")}
-_IMAGE_COLUMNS = ("image", "img")
+_IMAGE_COLUMNS = ("image", "img", "npy")  # npy: webdataset's `{key}.npy` arrays
 _LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target", "cls")  # cls: webdataset's `.cls`
 _SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
 SHARD_INDEX = "index.json"  # beside shards: class names and shard sizes (scripts/make_shards.py)
@@ -203,6 +203,19 @@ def _find_column(
     return (by_name + by_type + [None])[0]
 
 
+def _element_dtype(feature: Any) -> str | None:
+    """The numeric element type of a nested list or array feature ("uint16"), or None for an image."""
+    import datasets
+
+    nested = False
+    while isinstance(feature, list) or (hasattr(feature, "feature") and not isinstance(feature, dict)):
+        feature, nested = (feature[0] if isinstance(feature, list) else feature.feature), True
+    numeric = isinstance(feature, datasets.Value) and feature.dtype not in ("string", "large_string", "binary")
+    if isinstance(feature, (datasets.Array2D, datasets.Array3D)) or (nested and numeric):
+        return feature.dtype
+    return None
+
+
 class _HuggingFaceColumns:
     """Which columns hold the image and the label, and how a label value becomes a class index."""
 
@@ -214,6 +227,9 @@ class _HuggingFaceColumns:
         self.image = _find_column(features, image_column, _IMAGE_COLUMNS, datasets.Image)
         if self.image is None:
             raise ValueError(f"no image column found among {list(features)}; pass image_column=")
+        # an array column (webdataset's `.npy`, a nested list in parquet) comes back as Python lists: its
+        # element type, from the features, keeps the stored precision (uint16 stays uint16, not int64)
+        self.array_dtype = _element_dtype(features[self.image])
         self.label = _find_column(features, label_column, _LABEL_COLUMNS, datasets.ClassLabel)
         label_feature = features[self.label] if self.label is not None else None
         # webdataset's `{key}.json` becomes a struct column "json": its label field is the label
@@ -230,6 +246,13 @@ class _HuggingFaceColumns:
                 self.label_index = {}  # filled from the data by the caller
             elif not str(dtype).startswith(("int", "uint")):
                 raise ValueError(f"label column {self.label!r} has type {label_feature}, not a class index")
+
+    def image_of(self, example: dict) -> Any:
+        """The example's image as `decode_image` takes it: encoded bytes or a path, or an array."""
+        value = example[self.image]
+        if self.array_dtype is not None and value is not None:
+            return np.asarray(value, dtype=self.array_dtype)
+        return value
 
     def set_string_classes(self, values: list[str]) -> None:
         self.class_names = sorted(set(values))
@@ -296,7 +319,7 @@ class HuggingFaceSource(_HuggingFaceImages):
         example = self.dataset[row]
         name = _image_name(f"{self.name}[{row}]", example[self.columns.image])
         return (
-            decode_image(example[self.columns.image], name, decode_size),
+            decode_image(self.columns.image_of(example), name, decode_size),
             self.columns.label_of(example),
             name,
         )

@@ -89,7 +89,7 @@ class DatasetShards:
         for row, batch in enumerate(shard.iter(batch_size=1)):
             example = {key: values[0] for key, values in batch.items()}
             key = example.get("__key__", row)
-            image = example[self.columns.image]
+            image = self.columns.image_of(example)
             if image is None and not warned:
                 # datasets' webdataset reader takes its columns from the first shard: a `.png` member in a
                 # shard of `.jpg` ones has no column, and reads as a missing image

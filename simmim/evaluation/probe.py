@@ -59,6 +59,8 @@ class Encoder:
     mean: list[float]
     std: list[float]
     source: str  # what was loaded, for metrics.json
+    num_channels: int = 3
+    max_value: float | None = None  # what integer pixels were divided by in training (None: their range)
 
 
 def load_encoder(checkpoint: str | Path, num_heads: int | None = None) -> Encoder:
@@ -75,7 +77,8 @@ def load_encoder(checkpoint: str | Path, num_heads: int | None = None) -> Encode
         raise ValueError(
             f"--checkpoint {str(opened.path)!r} lacks encoder weights {lacking[:4]}: not a DeiT/ViT encoder"
         )
-    return Encoder(opened.model.eval(), opened.mean, opened.std, str(opened.path))
+    channels = opened.model.config.num_channels
+    return Encoder(opened.model.eval(), opened.mean, opened.std, str(opened.path), channels, opened.max_value)
 
 
 def default_layers(depth: int) -> list[int]:
@@ -451,7 +454,10 @@ def probe_checkpoint(args: Any) -> dict[str, Any]:
     num_classes = len(train_source.class_names)
     train_source = random_subset(train_source, args.train_images, args.seed)
     val_source = random_subset(val_source, args.val_images, args.seed + 1)
-    transform = eval_transform(image_size, mean=encoder.mean, std=encoder.std)
+    transform = eval_transform(
+        image_size, mean=encoder.mean, std=encoder.std, num_channels=encoder.num_channels,
+        max_value=encoder.max_value,
+    )  # fmt: skip
     out = Path(args.out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 

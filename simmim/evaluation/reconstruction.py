@@ -11,6 +11,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from simmim.config import MaskConfig, PretrainConfig
 from simmim.data import MaskedImageDataset, build_loader, collate_pretrain, eval_transform, open_source
-from simmim.evaluation.grids import reconstruction_grid
+from simmim.evaluation.grids import display_bands, reconstruction_grid
 from simmim.evaluation.metrics import mean_fill_baseline, reconstruction_metrics
 from simmim.exports import open_model
 from simmim.launch import make_accelerator
@@ -40,8 +41,11 @@ class NotMaskedImageModelError(ValueError):
 
 
 class LoadedCheckpoint:
-    def __init__(self, model, mean, std, run_cfg: PretrainConfig | None, run_dir: Path | None) -> None:
+    def __init__(
+        self, model, mean, std, run_cfg: PretrainConfig | None, run_dir: Path | None, max_value=None
+    ) -> None:
         self.model, self.mean, self.std, self.run_cfg, self.run_dir = model, mean, std, run_cfg, run_dir
+        self.max_value = max_value  # what integer pixels were divided by in training (None: their range)
 
 
 def load_masked_image_model(path: str | Path) -> LoadedCheckpoint:
@@ -56,7 +60,8 @@ def load_masked_image_model(path: str | Path) -> LoadedCheckpoint:
             "checkpoint (a SimMIM export/ or pretraining output_dir)"
         )
     run_cfg = opened.run_config if isinstance(opened.run_config, PretrainConfig) else None
-    return LoadedCheckpoint(opened.model, tuple(opened.mean), tuple(opened.std), run_cfg, opened.run_dir)
+    mean, std = tuple(opened.mean), tuple(opened.std)
+    return LoadedCheckpoint(opened.model, mean, std, run_cfg, opened.run_dir, opened.max_value)
 
 
 def grid_indices(num_images: int, count: int, seed: int):
@@ -80,6 +85,7 @@ def evaluate_reconstruction(
     bf16: bool = False,
     num_workers: int = 0,
     norm_target_window: int | None = None,
+    display_bands: Sequence[int] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], torch.Tensor | None]:
     """Returns (summary metrics with baselines, one row per image, grid or None). The grid shows
     `num_grid_images` images drawn with `seed` from the whole split (`grid_indices`), in split order.
@@ -163,7 +169,7 @@ def evaluate_reconstruction(
     grid = None
     if grid_parts and num_grid_images > 0:
         x, recon, m = (torch.stack(t) for t in list(zip(*grid_parts))[1:])
-        grid = reconstruction_grid(x, recon, m, patch_size=p, mean=mean, std=std)
+        grid = reconstruction_grid(x, recon, m, patch_size=p, mean=mean, std=std, bands=display_bands)
     return summary, rows, grid
 
 
@@ -227,7 +233,14 @@ def evaluate_checkpoint(args: Any) -> dict[str, Any]:
         synthetic_size=synthetic_size,
         synthetic_image_size=image_size,
     )
-    dataset = MaskedImageDataset(source, eval_transform(image_size, mean=ckpt.mean, std=ckpt.std), masks)
+    channels = config.num_channels
+    transform = eval_transform(
+        image_size, mean=ckpt.mean, std=ckpt.std, num_channels=channels, max_value=ckpt.max_value
+    )
+    dataset = MaskedImageDataset(source, transform, masks)
+    # the bands shown: --display-bands, else the run's data.display_bands; checked before any work
+    bands = args.display_bands or (run.data.display_bands if run else None)
+    display_bands(channels, bands)
 
     accelerator = make_accelerator()
     summary, rows, grid = evaluate_reconstruction(
@@ -242,6 +255,7 @@ def evaluate_checkpoint(args: Any) -> dict[str, Any]:
         bf16=args.bf16,
         num_workers=args.num_workers,
         norm_target_window=run.loss.norm_target_window if run and run.loss.norm_target else None,
+        display_bands=bands,
     )
     summary.update(
         checkpoint=str(args.checkpoint),
