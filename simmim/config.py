@@ -325,6 +325,8 @@ class TrainConfig:
         200, ge=0, description="optimizer steps of batches skipped after a rollback, at least (PaLM: 200-500)"
     )
     max_rollbacks: Int = Field(3, ge=0, description="rollbacks allowed before the run stops")
+    collective_timeout_s: Float = Field(300, gt=0, description="processes: the longest wait for another "
+        "process (a checkpoint write, rank 0's export or probe) before the run stops, naming its checkpoint")  # fmt: skip
     snapshot_epochs: tuple[Annotated[Int, Field(gt=0)], ...] = Field(
         (),
         description="pretraining: also export the model after these epochs to "

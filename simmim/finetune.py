@@ -234,7 +234,7 @@ class FinetuneTask(Task):
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune; writes checkpoints, logs, `metrics.json` and the best model to `output_dir/export`."""
     cfg = follow_launcher(cfg)  # accelerate launch with an FSDP config: train.fsdp=true
-    accelerator = make_accelerator(cfg.train.precision, fsdp=cfg.train.fsdp)
+    accelerator = make_accelerator(cfg.train.precision, cfg.train.fsdp, cfg.train.collective_timeout_s)
     set_seed(cfg.seed)
     summary = train(FinetuneTask(cfg, accelerator), cfg)
     if accelerator.is_main_process:
