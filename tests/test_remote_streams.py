@@ -6,8 +6,8 @@ skipped and counted."""
 from __future__ import annotations
 
 import http.server
-import re
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from helpers import TINY_MODEL, run_script
 from test_streams import write_tar_shards
 
 from simmim.data import open_source
@@ -39,11 +40,14 @@ class ShardServer(http.server.ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:
         pass  # a client that hangs up mid-body (fsspec reading only the headers for a size) is no error here
 
-    def fault(self, path: str) -> str:
+    def fault(self, path: str, head: bool) -> str:
+        """What to do with this request; a HEAD request fails with `always` only, and uses no fault."""
         with self.lock:
-            self.requests.append(path)
             if not path.endswith(".tar"):
                 return "ok"
+            if head:
+                return "500" if self.always == "500" else "ok"
+            self.requests.append(path)
             return self.always or (self.faults.pop(0) if self.faults else "ok")
 
     @property
@@ -68,7 +72,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not file.is_file():
             self.send_error(404)
             return
-        fault = self.server.fault(self.path) if body else "ok"
+        fault = self.server.fault(self.path, head=not body)
         if fault == "500":
             self.send_error(500)
             return
@@ -195,3 +199,21 @@ def test_network_errors_are_told_apart_from_damage():
     for error in (tarfile.ReadError("unexpected end of data"), ValueError("bad parquet"), forbidden,
                   raised_from(ConnectionError("Server Disconnected"), forbidden), FileNotFoundError("x.tar")):  # fmt: skip
         assert not is_network_error(error), error
+
+
+def test_a_pretraining_run_on_a_failing_server_stops_with_one_line(shards, tmp_path):
+    args = [f"output_dir={tmp_path / 'run'}", *TINY_MODEL, "data.streaming=true", "data.num_workers=0",
+            "data.batch_size=4", "train.max_steps=2", "optim.warmup_epochs=null", "optim.warmup_steps=1",
+            "data.remote_retries=2", "data.remote_backoff_s=0.05", "train.report_to=none"]  # fmt: skip
+    with serving(shards, always="500") as server:
+        start = time.monotonic()
+        result = run_script("pretrain.py", [f"data.path={server.url}/", *args], timeout=120)
+        took = time.monotonic() - start
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"error: {re.escape(server.url)}/train-00000.tar: the remote read failed 3 times in a row "
+        r"\(data.remote_retries=2\); the last error: HTTPError: HTTP Error 500: Internal Server Error",
+        line,
+    ), line
+    assert took < 60

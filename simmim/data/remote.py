@@ -141,6 +141,12 @@ def read_json(url: str, timeout_s: float = 60) -> Any:
         return json.loads(response.read())
 
 
+def check_answers(url: str, timeout_s: float = 60) -> None:
+    """A HEAD request for `url` that must succeed: datasets takes a shard whose server fails (5xx) for a
+    missing one, and says only "Unable to find" it, which would not be retried."""
+    urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s).close()
+
+
 def own_the_retries() -> None:
     """datasets retries a failed remote open or read itself, up to 20 times 5 s apart, then raises
     ConnectionError; under ours, its waits would stretch a dead server's stop to many minutes and hide

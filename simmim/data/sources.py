@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from simmim.data.decoding import IMAGE_EXTENSIONS, decode_image
-from simmim.data.remote import RetryPolicy, own_the_retries, read_json, retrying
+from simmim.data.remote import RetryPolicy, check_answers, own_the_retries, read_json, retrying
 from simmim.data.source_base import ImageSource, Sample, carve_split
 from simmim.data.streams import DatasetShards, FolderShards, StreamSource, data_files
 from simmim.data.subsets import SubsetSource, balanced_subset, holdout_split, random_subset
@@ -463,6 +463,7 @@ def _open_url(url: str, split: str, *, image_column, label_column, streaming, va
     if builder is None:
         raise ValueError(f"data.path={url!r}: {files[0]} is not one of {sorted(SHARD_FORMATS)}")
     own_the_retries()
+    retrying(lambda: check_answers(files[0]), files[0], retry)
     dataset = retrying(
         lambda: datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=True),
         f"{base} ({read} split)",
