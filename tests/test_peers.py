@@ -63,7 +63,9 @@ def launch(out: Path, log: Path) -> subprocess.Popen:
 
 def latest_step(out: Path) -> int:
     try:
-        return int(json.loads((out / "checkpoints" / "index.json").read_text())["latest"].removeprefix("step_"))
+        return int(
+            json.loads((out / "checkpoints" / "index.json").read_text())["latest"].removeprefix("step_")
+        )
     except (FileNotFoundError, json.JSONDecodeError, KeyError, AttributeError):
         return -1
 
@@ -158,8 +160,12 @@ def test_a_collective_error_is_told_apart_from_other_errors():
     from simmim.launch import peer_failure
 
     # gloo's messages (torch 2.14) for a killed peer and for one that did not answer
-    closed = RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:1459: Connection reset by peer.")
-    timed_out = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv operation")
+    closed = RuntimeError(
+        "[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:1459: Connection reset by peer."
+    )
+    timed_out = RuntimeError(
+        "[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv operation"
+    )
     assert peer_failure(closed) == "a peer process's connection closed (it exited or was killed)"
     assert peer_failure(timed_out) == "a peer process did not answer within 3 s (train.collective_timeout_s)"
     assert peer_failure(RuntimeError("CUDA out of memory")) is None

@@ -156,7 +156,8 @@ def test_a_server_that_always_fails_stops_the_read_with_one_line(shards):
     assert "\n" not in message and took < 20
     assert re.match(
         rf"{re.escape(server.url)}/train-0000\d\.tar \(after 0 examples\): the remote read failed 4 times in a "
-        r"row \(data.remote_retries=3\); the last error: .*500", message
+        r"row \(data.remote_retries=3\); the last error: .*500",
+        message,
     ), message
 
 
