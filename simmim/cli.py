@@ -23,11 +23,25 @@ import yaml
 from simmim.config import load_config
 from simmim.config_fields import bounds, type_name
 from simmim.data.decoding import BadImageError
-from simmim.errors import CheckpointWriteError, NonFiniteLossError, StageFailed
+from simmim.errors import (
+    CheckpointWriteError,
+    NonFiniteLossError,
+    PeerLostError,
+    RemoteReadError,
+    StageFailed,
+)
 
 T = TypeVar("T")
 USAGE_ERRORS = (ValueError, OSError, yaml.YAMLError)  # OSError: missing, unreadable or misplaced files
-RUN_ERRORS = (NonFiniteLossError, BadImageError, StageFailed, CheckpointWriteError)
+# Runs that stop themselves: each message says what happened and which checkpoint is intact.
+RUN_ERRORS = (
+    NonFiniteLossError,
+    BadImageError,
+    StageFailed,
+    CheckpointWriteError,
+    PeerLostError,
+    RemoteReadError,
+)
 
 
 def error_line(e: BaseException) -> str:

@@ -56,9 +56,8 @@ Scale = Annotated[Float, Field(gt=0)]  # a channel's std
 class DataConfig:
     """Where images come from and how they are batched."""
 
-    path: Str = Field(
-        "synthetic", description='image folder, HF dataset name or saved dataset, or "synthetic"'
-    )
+    path: Str = Field("synthetic", description='image folder, HF dataset name or saved dataset, "synthetic", '
+                      "or an http(s) URL of a folder of shards with its index.json (streams)")  # fmt: skip
     train_split: Str = "train"
     val_split: Str = "validation"
     val_fraction: Float = Field(
@@ -105,6 +104,9 @@ class DataConfig:
     max_bad_fraction: Float = Field(
         0.01, ge=0, lt=1, description="stop when more than this fraction of samples failed to decode"
     )
+    remote_retries: Int = Field(5, ge=0, description="streams: tries again after a network error (a reset, "
+        "a timeout, HTTP 5xx) in a row, waiting data.remote_backoff_s, then twice as long each time")  # fmt: skip
+    remote_backoff_s: Float = Field(1.0, ge=0, description="streams: the wait before the first retry")
     synthetic_size: Int = Field(1024, gt=0)
     label_fraction: Float = Field(
         1.0,
@@ -366,6 +368,8 @@ class TrainConfig:
         200, ge=0, description="optimizer steps of batches skipped after a rollback, at least (PaLM: 200-500)"
     )
     max_rollbacks: Int = Field(3, ge=0, description="rollbacks allowed before the run stops")
+    collective_timeout_s: Float = Field(300, gt=0, description="processes: the longest wait for another "
+        "process (a checkpoint write, rank 0's export or probe) before the run stops, naming its checkpoint")  # fmt: skip
     snapshot_epochs: tuple[Annotated[Int, Field(gt=0)], ...] = Field(
         (),
         description="pretraining: also export the model after these epochs to "

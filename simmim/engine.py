@@ -31,6 +31,7 @@ from simmim.compilation import choose_compile, keep_cache_with_run
 from simmim.config import DataConfig, OptimConfig, TrainConfig
 from simmim.data import BadImageError, check_bad_fraction
 from simmim.errors import CheckpointWriteError, NonFiniteLossError
+from simmim.launch import peers_must_answer
 from simmim.meter import LossMeter
 from simmim.optim import ModelEma, Schedule, param_groups, set_lr
 from simmim.precision import choose_precision
@@ -356,7 +357,10 @@ def train(task: Task, cfg: Any) -> dict[str, Any]:
     model.train()
     stopping = 0
     progress = dict(total=schedule.total_steps, initial=state.step, disable=not acc.is_main_process)
-    with StopSignal() as stop, tqdm(**progress, dynamic_ncols=True) as bar, bugs_keep_their_traceback(state):
+    # A lost peer process stops the run with one line (train.collective_timeout_s bounds a hung one's wait).
+    peers = peers_must_answer(acc, lambda: state.step, state.checkpoints.intact)
+    bugs = bugs_keep_their_traceback(state)
+    with StopSignal() as stop, tqdm(**progress, dynamic_ncols=True) as bar, bugs, peers:
         while state.step < schedule.total_steps:
             try:
                 grad_norm = train_step(state, batches, task.loss, meter, acc, cfg.optim)

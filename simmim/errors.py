@@ -21,3 +21,18 @@ class StageFailed(RuntimeError):
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (a full disk, a permission); the message names the intact one."""
+
+
+class PeerLostError(RuntimeError):
+    """Another process of a DDP or FSDP run stopped answering (train.collective_timeout_s passed) or closed
+    its connection; the message says which, at what step, and names the intact checkpoint."""
+
+
+class RemoteReadError(RuntimeError):
+    """A remote stream's reads still failed after data.remote_retries tries; the message names the shard and
+    the last error. torch's DataLoader re-raises a worker's error as its type with the worker's traceback
+    as the message: the error's own line, the traceback's last, is kept."""
+
+    def __init__(self, message: str) -> None:
+        own = message.rstrip().splitlines()[-1].partition(f"{type(self).__name__}: ")[2] if message else ""
+        super().__init__(own or message)

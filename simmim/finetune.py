@@ -244,7 +244,7 @@ class FinetuneTask(Task):
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune; writes checkpoints, logs, `metrics.json` and the best model to `output_dir/export`."""
     cfg = follow_launcher(cfg)  # accelerate launch with an FSDP config: train.fsdp=true
-    accelerator = make_accelerator(cfg.train.precision, fsdp=cfg.train.fsdp)
+    accelerator = make_accelerator(cfg.train.precision, cfg.train.fsdp, cfg.train.collective_timeout_s)
     set_seed(cfg.seed)
     task = FinetuneTask(cfg, accelerator)
     summary = train(task, task.cfg)  # the config with the data's statistics filled in

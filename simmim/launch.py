@@ -1,16 +1,23 @@
-"""How a run is launched: the Accelerator (its processes, device and autocast) and what `accelerate launch`
-asked for (an FSDP config read as train.fsdp=true; DeepSpeed refused), each read once, before any work.
+"""How a run is launched: the Accelerator (its processes, device, autocast and collective timeout) and what
+`accelerate launch` asked for (an FSDP config read as train.fsdp=true; DeepSpeed refused), each read once,
+before any work; and how a lost peer process stops a run (`peers_must_answer`).
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 from simmim.config import config_from_dict, config_to_dict
+from simmim.errors import PeerLostError
 from simmim.precision import choose_precision
 
 C = TypeVar("C")  # a PretrainConfig or FinetuneConfig
@@ -76,9 +83,18 @@ def follow_launcher(cfg: C, environ: dict[str, str] | None = None) -> C:
     return followed
 
 
-def make_accelerator(precision: str = "launcher", fsdp: bool = False) -> Accelerator:
+def make_accelerator(
+    precision: str = "launcher", fsdp: bool = False, collective_timeout_s: float | None = None
+) -> Accelerator:
     """The run's Accelerator, with autocast as `train.precision` asks (see `simmim.precision`); `fsdp`
-    (train.fsdp) needs several processes to shard over.
+    (train.fsdp) needs several processes to shard over; `collective_timeout_s` (train.collective_timeout_s;
+    None: torch's default, 30 min for gloo, 10 for NCCL) bounds every wait for another process.
+
+    Under gloo the timeout ends the waiting collective with an error, which `peers_must_answer` turns into
+    one line. Under NCCL, torch's watchdog ends the process after it (TORCH_NCCL_ASYNC_ERROR_HANDLING,
+    3 by default since torch 2.2: tear the process down), with torch's message rather than ours: the
+    collectives run on the GPU, and the loop's thread learns of a timeout only from a blocking wait
+    (TORCH_NCCL_BLOCKING_WAIT=1), which would block the host on every collective.
 
     `accelerate launch --multi_gpu --num_processes N` on a machine without CUDA would otherwise start N
     unrelated single-process runs: there, the processes join over gloo on CPU.
@@ -102,4 +118,39 @@ def make_accelerator(precision: str = "launcher", fsdp: bool = False) -> Acceler
     if fsdp and mixed == "fp16":  # accelerate launch --mixed_precision fp16 with train.precision=launcher
         raise ValueError("fp16 autocast with train.fsdp=true: its gradient scaler does not reach the sharded "
                          "optimizer; launch with --mixed_precision bf16")  # fmt: skip
-    return Accelerator(cpu=multi_process and not torch.cuda.is_available(), mixed_precision=mixed)
+    handlers = []
+    if collective_timeout_s is not None:
+        handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s)))
+    cpu = multi_process and not torch.cuda.is_available()
+    return Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=handlers)
+
+
+# What gloo's transport says of a peer that is gone (killed, crashed) and of one that did not answer in time.
+_CLOSED = re.compile(r"Connection (closed|reset) by peer|Broken pipe|Socket closed|Connection refused")
+_TIMED_OUT = re.compile(r"Timed out waiting (\d+)ms")
+
+
+def peer_failure(error: BaseException) -> str | None:
+    """What a collective's error says happened to another process, in words, or None for any other error."""
+    message = str(error)
+    if match := _TIMED_OUT.search(message):
+        return f"a peer process did not answer within {int(match[1]) / 1000:g} s (train.collective_timeout_s)"
+    if _CLOSED.search(message):
+        return "a peer process's connection closed (it exited or was killed)"
+    return None
+
+
+@contextmanager
+def peers_must_answer(
+    accelerator: Accelerator, step: Callable[[], int], intact: Callable[[], str]
+) -> Iterator[None]:
+    """Turn a collective that failed because another process died or hung into `PeerLostError`: one line
+    saying what happened, at which `step()`, and `intact()` (which checkpoint to resume from). The same
+    command then resumes exactly, as after SIGKILL. A single process lets every error through."""
+    try:
+        yield
+    except RuntimeError as e:
+        what = peer_failure(e) if accelerator.num_processes > 1 else None
+        if what is None:
+            raise
+        raise PeerLostError(f"{what} at step {step()}; {intact()}") from e

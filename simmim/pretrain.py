@@ -254,7 +254,7 @@ class PretrainTask(Task):
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain; writes checkpoints, logs and `output_dir/export`. Returns the engine's summary."""
     cfg = follow_launcher(cfg)  # accelerate launch with an FSDP config: train.fsdp=true
-    accelerator = make_accelerator(cfg.train.precision, fsdp=cfg.train.fsdp)
+    accelerator = make_accelerator(cfg.train.precision, cfg.train.fsdp, cfg.train.collective_timeout_s)
     set_seed(cfg.seed)
     task = PretrainTask(cfg, accelerator)
     return train(task, task.cfg)  # the config with the data's statistics filled in

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from simmim.data.decoding import IMAGE_EXTENSIONS, decode_image
+from simmim.data.remote import RetryPolicy, check_answers, own_the_retries, read_json, retrying
 from simmim.data.source_base import ImageSource, Sample, carve_split
 from simmim.data.streams import DatasetShards, FolderShards, StreamSource, data_files
 from simmim.data.subsets import SubsetSource, balanced_subset, holdout_split, random_subset
@@ -333,17 +334,21 @@ def _stream_source(
     carve: str | None,
     val_fraction: float,
     seed: int,
+    retry: RetryPolicy | None = None,
+    index: dict[str, Any] | None = None,
 ) -> StreamSource:
     """A streaming `datasets.IterableDataset` as a `StreamSource`, its validation part carved by a hash of
     each image (about, not exactly, `val_fraction` of it) when it has no validation split; the
-    `index.json` beside its files gives the class names of integer labels and each shard's size."""
+    `index.json` beside its files (or `index`) gives the class names of integer labels and each shard's
+    size; `retry`: how its network errors are retried."""
     if columns.label_index is not None:
         raise ValueError(
             f"string label column {columns.label!r} needs a ClassLabel feature when streaming (the classes "
             "cannot be listed without reading the whole stream)"
         )
     files = data_files(dataset)
-    index = _shard_index(os.path.dirname(files[0])) if files else {}
+    if index is None:
+        index = _shard_index(os.path.dirname(files[0])) if files else {}
     counts = {
         shard["name"]: shard["count"]
         for entry in index.get("splits", {}).values()
@@ -360,6 +365,7 @@ def _stream_source(
         carve=carve if val_fraction > 0 else None,
         val_fraction=val_fraction,
         seed=seed,
+        retry=retry,
     )
 
 
@@ -403,7 +409,7 @@ def shard_files(pattern: str) -> list[str]:
 
 
 def _open_shard_glob(
-    pattern: str, split: str, *, image_column, label_column, streaming, val_fraction, seed
+    pattern: str, split: str, *, image_column, label_column, streaming, val_fraction, seed, retry=None
 ) -> ImageSource:
     """A glob of tar or parquet shards: all of them are the training split, and the validation split is
     carved from it (a separate glob is a separate data.path)."""
@@ -416,7 +422,7 @@ def _open_shard_glob(
     columns = _HuggingFaceColumns(dataset.features, image_column, label_column)
     name = pattern
     if streaming:
-        return _stream_source(dataset, columns, name, split, carve, val_fraction, seed)
+        return _stream_source(dataset, columns, name, split, carve, val_fraction, seed, retry)
     if columns.class_names is None and columns.label is not None and columns.label_index is None:
         columns.class_names = _index_classes(os.path.dirname(files[0]))
     rows = carve_split(len(dataset), carve, val_fraction, seed) if carve and val_fraction > 0 else None
@@ -433,6 +439,7 @@ def _open_huggingface(
     streaming: bool,
     val_fraction: float,
     seed: int,
+    retry: RetryPolicy | None = None,
 ) -> ImageSource:
     import datasets
 
@@ -448,7 +455,7 @@ def _open_huggingface(
     columns = _HuggingFaceColumns(dataset.features, image_column, label_column)
     name = f"{Path(path).name or path}:{read}"
     if streaming:
-        return _stream_source(dataset, columns, name, split, carve, val_fraction, seed)
+        return _stream_source(dataset, columns, name, split, carve, val_fraction, seed, retry)
     if columns.class_names is None and columns.label is not None and columns.label_index is None:
         columns.class_names = _index_classes(path) if saved or os.path.isdir(path) else None
     if columns.label_index is not None:
@@ -460,6 +467,33 @@ def _open_huggingface(
         else None
     )
     return HuggingFaceSource(dataset, columns, name, split, rows)
+
+
+def _open_url(url: str, split: str, *, image_column, label_column, streaming, val_fraction, seed, retry):
+    """A folder of tar or parquet shards served over HTTP(S), read as a stream: `url` is the folder, and its
+    index.json (as scripts/make_shards.py writes it) names each split's shards; a split it lacks is carved
+    from train. Network errors, here and in every read, are retried as `retry` says."""
+    import datasets
+
+    if not streaming:
+        raise ValueError(f"data.path={url!r}: shards over HTTP are read as a stream; set data.streaming=true")
+    base, retry = url.rstrip("/"), retry or RetryPolicy()
+    index = retrying(lambda: read_json(f"{base}/{SHARD_INDEX}"), f"{base}/{SHARD_INDEX}", retry)
+    splits = {k: v.get("shards", []) for k, v in index.get("splits", {}).items() if isinstance(v, dict)}
+    read, carve = _resolve_split(split, [k for k, shards in splits.items() if shards])
+    files = [f"{base}/{shard['name']}" for shard in splits[read]]
+    builder = SHARD_FORMATS.get(Path(files[0]).suffix.lower())
+    if builder is None:
+        raise ValueError(f"data.path={url!r}: {files[0]} is not one of {sorted(SHARD_FORMATS)}")
+    own_the_retries()
+    retrying(lambda: check_answers(files[0]), files[0], retry)
+    dataset = retrying(
+        lambda: datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=True),
+        f"{base} ({read} split)",
+        retry,
+    )
+    columns = _HuggingFaceColumns(dataset.features, image_column, label_column)
+    return _stream_source(dataset, columns, url, split, carve, val_fraction, seed, retry, index)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -476,6 +510,7 @@ def open_source(
     seed: int = 0,
     synthetic_size: int = 1024,
     synthetic_image_size: int = 64,
+    retry: RetryPolicy | None = None,
 ) -> ImageSource:
     """Open one split of a dataset.
 
@@ -483,7 +518,8 @@ def open_source(
         path: "synthetic"; a directory (ImageFolder, optionally with train/ and val/ split folders; a flat
             folder of images; Hugging Face data files, e.g. `train-*.parquet` or webdataset `train-*.tar`
             shards; a dataset script; a `save_to_disk` dataset); a glob of tar or parquet shards (the
-            training split; validation is carved from it); or a Hugging Face Hub name.
+            training split; validation is carved from it); a Hugging Face Hub name; or, streaming, the
+            http(s) URL of a folder of shards with an index.json naming them (scripts/make_shards.py's).
         split: "train" or "validation" ("val", "test" are looked for as validation); any other split name
             is read as is. Without a validation split, `val_fraction` of train is carved out with `seed`,
             and excluded from "train"; with `val_fraction=0` nothing is carved and "validation" reads all of
@@ -493,6 +529,7 @@ def open_source(
             (synthetic data is always indexed).
         synthetic_size, synthetic_image_size: the synthetic train split's size and image side; its
             validation split has max(64, synthetic_size // 8) images.
+        retry: how a stream's network errors are retried (`simmim.data.remote`).
     """
     if path == "synthetic":
         if split not in _SPLIT_ALIASES["train"] + _SPLIT_ALIASES["validation"]:
@@ -501,9 +538,12 @@ def open_source(
         return SyntheticSource(size, synthetic_image_size, seed, split)
     columns = dict(image_column=image_column, label_column=label_column)
     root = os.path.expanduser(path)
+    if path.startswith(("http://", "https://")):
+        return _open_url(path, split, **columns, streaming=streaming, val_fraction=val_fraction, seed=seed,
+                         retry=retry)  # fmt: skip
     if _is_glob(path):
         return _open_shard_glob(
-            path, split, **columns, streaming=streaming, val_fraction=val_fraction, seed=seed
+            path, split, **columns, streaming=streaming, val_fraction=val_fraction, seed=seed, retry=retry
         )
     if os.path.isdir(root):
         layout = _layout(root)
@@ -533,6 +573,7 @@ def open_source(
         streaming=streaming,
         val_fraction=val_fraction,
         seed=seed,
+        retry=retry,
     )
 
 
@@ -558,6 +599,7 @@ def open_split(cfg: Any, split: str) -> ImageSource:
         seed=cfg.seed,
         synthetic_size=d.synthetic_size,
         synthetic_image_size=max(cfg.model.image_size, 32),
+        retry=RetryPolicy(d.remote_retries, d.remote_backoff_s),
     )
     if not holdout:
         return source

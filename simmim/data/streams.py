@@ -14,6 +14,8 @@ on are read again and passed over without being decoded).
 
 A shard that breaks off (a truncated download, a damaged tar header) gives up only what follows the
 damage: a warning names it, it counts as one unreadable example, and the reader goes on with its next shard.
+A network error is no damage: the shard is opened again and read on from where it broke
+(`simmim.data.remote`), so the stream is the same as without the error.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from simmim.data.decoding import decode_image
+from simmim.data.remote import RetryPolicy, own_the_retries, read_resuming
 
 logger = logging.getLogger("simmim.data")
 
@@ -36,7 +39,7 @@ logger = logging.getLogger("simmim.data")
 Raw = tuple[Any, int, str]
 
 # Exceptions a damaged shard raises while it is read: tarfile's, pyarrow's (ArrowInvalid is a ValueError,
-# ArrowIOError an OSError), zlib's and a short read's.
+# ArrowIOError an OSError), zlib's and a short read's. Network errors are retried before (remote.py).
 _DAMAGE = (OSError, EOFError, ValueError, tarfile.TarError, zlib.error)
 
 
@@ -83,6 +86,7 @@ class DatasetShards:
         return f"{self.name}/{self.names[i]}" if self.names else f"{self.name} shard {i}/{self.num_shards}"
 
     def read(self, i: int) -> Iterator[Raw]:
+        own_the_retries()  # in this (loader worker) process: simmim retries, not datasets
         shard = self.dataset.shard(num_shards=self.num_shards, index=i, contiguous=True)
         name = self.shard_name(i)
         warned = False
@@ -155,8 +159,10 @@ class StreamSource:
         carve: str | None = None,
         val_fraction: float = 0.0,
         seed: int = 0,
+        retry: RetryPolicy | None = None,
     ) -> None:
-        self.shards, self.name, self.split = shards, name, split
+        """`retry`: how a shard's network errors are retried (data.remote_retries, data.remote_backoff_s)."""
+        self.shards, self.name, self.split, self.retry = shards, name, split, retry or RetryPolicy()
         self.class_names, self.has_labels = class_names, has_labels
         self.carve, self.val_fraction, self.carve_seed = carve, val_fraction, seed
         self._warned_readers: set[int] = set()
@@ -239,10 +245,11 @@ class StreamSource:
             yield from self._read_shard(int(i))
 
     def _read_shard(self, i: int) -> Iterator[Raw]:
-        """Shard i's examples; one damaged-shard marker (payload None) in place of whatever follows damage."""
-        read = 0
+        """Shard i's examples; one damaged-shard marker (payload None) in place of whatever follows damage.
+        A network error is retried (opened again, read past what was given); RemoteReadError past retries."""
+        read, name = 0, self.shards.shard_name(i)
         try:
-            for raw in self.shards.read(i):
+            for raw in read_resuming(lambda: self.shards.read(i), name, self.retry):
                 yield raw
                 read += 1
         except _DAMAGE as error:
@@ -252,7 +259,6 @@ class StreamSource:
             if expected is None or read >= expected:
                 return
             why = f"the index lists {expected}"
-        name = self.shards.shard_name(i)
         logger.warning("%s is damaged after %d examples (%s); skipping the rest of it", name, read, why)
         yield None, -1, f"{name} (damaged after {read} examples)"
 
