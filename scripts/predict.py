@@ -20,8 +20,8 @@ from PIL import Image
 
 from simmim.cli import run_main
 from simmim.data import decode_image
-from simmim.data.pixels import to_model_pixels
 from simmim.data.decoding import IMAGE_EXTENSIONS
+from simmim.data.pixels import to_model_pixels
 from simmim.exports import logits_of, open_classifier
 
 
