@@ -26,10 +26,14 @@ def main() -> int:
     parser.add_argument("data", help="an image folder, shards, a Hugging Face dataset, or 'synthetic'")
     parser.add_argument("--split", default="train")
     parser.add_argument("--channels", type=int, default=3, help="the model's num_channels (default 3)")
-    parser.add_argument("--max-value", type=float, help="divide integer pixels by this (default: their range)")
+    parser.add_argument(
+        "--max-value", type=float, help="divide integer pixels by this (default: their range)"
+    )
     parser.add_argument("--samples", default="1000", help='images drawn with --seed, or "all"')
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--streaming", action="store_true", help="read the data as a stream (its first images)")
+    parser.add_argument(
+        "--streaming", action="store_true", help="read the data as a stream (its first images)"
+    )
     parser.add_argument("--out", help="JSON file to write (data.stats=FILE reads it)")
     args = parser.parse_args()
     samples = None if args.samples == "all" else int(args.samples) if args.samples.isdigit() else -1

@@ -22,11 +22,13 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
+import tifffile
 from tqdm.auto import tqdm
 
 from simmim.cli import run_main
 from simmim.data import open_source
-from simmim.data.decoding import decode_image
+from simmim.data.decoding import Pixels, decode_image
 from simmim.data.sources import SHARD_INDEX, FolderSource
 
 
@@ -46,9 +48,10 @@ def copies_files(source) -> bool:
     return isinstance(source, FolderSource) and len({_extension(os.fsdecode(f)) for f in source.files}) == 1
 
 
-def encoded_image(source, index: int, copy: bool) -> tuple[bytes, str] | None:
+def encoded_image(source, index: int, copy: bool, tiff: bool) -> tuple[bytes, str] | None:
     """(the image's bytes, their extension), or None when it cannot be decoded: the file as it is (`copy`),
-    else the decoded image as lossless PNG."""
+    else the decoded image losslessly: as PNG, or as TIFF (`tiff`: a split whose images PNG cannot hold,
+    any band count, 16-bit colour or floats, keeps every image's values and channels as they are)."""
     if copy:
         path = os.path.join(source.root, os.fsdecode(source.files[index]))
         if decode_image(path, path) is None:
@@ -58,8 +61,28 @@ def encoded_image(source, index: int, copy: bool) -> tuple[bytes, str] | None:
     if image is None:
         return None
     buffer = io.BytesIO()
+    if tiff:
+        values = (
+            image.values
+            if isinstance(image, Pixels)
+            else np.asarray(image.convert("RGB") if image.mode == "P" else image)
+        )
+        values = values[:, :, 0] if values.ndim == 3 and values.shape[2] == 1 else values  # (H, W) grey
+        contig = "contig" if values.ndim == 3 else None
+        tifffile.imwrite(buffer, values, photometric="minisblack", planarconfig=contig)
+        return buffer.getvalue(), "tif"
     image.save(buffer, format="PNG")
     return buffer.getvalue(), "png"
+
+
+def needs_tiff(source) -> bool:
+    """Whether a split that is re-encoded goes to TIFF: its first readable image is one PIL cannot hold
+    (the format of a split's members must be one for webdataset readers, `datasets`' among them)."""
+    for index in range(min(len(source), 16)):
+        image = source.load(index)[0]
+        if image is not None:
+            return isinstance(image, Pixels)
+    return False
 
 
 def write_split(source, out: Path, split: str, shard_size: int) -> dict:
@@ -75,10 +98,12 @@ def write_split(source, out: Path, split: str, shard_size: int) -> dict:
 
     labels = source.labels() if source.has_labels else None  # read once: no image is decoded for it
     copy = copies_files(source)
+    tiff = not copy and needs_tiff(source)
     if isinstance(source, FolderSource) and not copy:
-        print(f"{split}: the folder mixes image formats; every image is written as PNG", file=sys.stderr)
+        print(f"{split}: the folder mixes image formats; every image is written as {'TIFF' if tiff else 'PNG'}",
+              file=sys.stderr)  # fmt: skip
     for index in tqdm(range(len(source)), desc=split, unit="img", dynamic_ncols=True):
-        encoded = encoded_image(source, index, copy)
+        encoded = encoded_image(source, index, copy, tiff)
         if encoded is None:
             skipped += 1
             continue

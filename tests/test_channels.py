@@ -59,7 +59,12 @@ def png16_rgb(hwc: np.ndarray) -> bytes:
     height, width, _ = hwc.shape
     header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)  # bit depth 16, colour type 2 (RGB)
     rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in hwc)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -83,7 +88,9 @@ def test_multiband_tiff_in_either_layout_reads_as_numpy(channels, layout, tmp_pa
         decoded = decode_image(data, "bands.tif")
         assert isinstance(decoded, Pixels) and decoded.values.dtype == np.uint16
         np.testing.assert_array_equal(decoded.values, hwc)
-        np.testing.assert_allclose(as_chw(to_model_pixels(decoded, channels)), hwc.transpose(2, 0, 1) / 65535, rtol=1e-6)
+        np.testing.assert_allclose(
+            as_chw(to_model_pixels(decoded, channels)), hwc.transpose(2, 0, 1) / 65535, rtol=1e-6
+        )
 
 
 def test_16bit_png_grey_and_rgb_keep_every_bit(tmp_path):
@@ -109,7 +116,9 @@ def test_npy_arrays_of_any_layout(shape, tmp_path):
     for data in (path, path.read_bytes()):
         np.testing.assert_array_equal(decode_image(data, "a.npy").values, hwc)
     floats = RNG.random((5, 7, 2), dtype=np.float32) * 3 - 1  # float pixels pass as they are, any range
-    np.testing.assert_array_equal(as_chw(to_model_pixels(decode_image(npy_bytes(floats), "f"), 2)), floats.transpose(2, 0, 1))
+    np.testing.assert_array_equal(
+        as_chw(to_model_pixels(decode_image(npy_bytes(floats), "f"), 2)), floats.transpose(2, 0, 1)
+    )
 
 
 def test_max_value_scales_a_12_bit_sensor():
@@ -180,8 +189,14 @@ def test_channel_rules():
 
 
 def test_display_bands_choose_what_shows_as_rgb():
-    assert display_bands(1) == [0, 0, 0] and display_bands(6) == [0, 1, 2] and display_bands(6, [3, 2, 1]) == [3, 2, 1]
-    with pytest.raises(ValueError, match=r"display bands \[6, 2, 1\]: expected 1 or 3 channel indices in \[0, 5\]"):
+    assert (
+        display_bands(1) == [0, 0, 0]
+        and display_bands(6) == [0, 1, 2]
+        and display_bands(6, [3, 2, 1]) == [3, 2, 1]
+    )
+    with pytest.raises(
+        ValueError, match=r"display bands \[6, 2, 1\]: expected 1 or 3 channel indices in \[0, 5\]"
+    ):
         display_bands(6, [6, 2, 1])
     x = torch.zeros(1, 6, 16, 16)
     x[:, 3] = 1.0  # band 3 bright: shown as red with bands 3,2,1
@@ -207,11 +222,17 @@ def test_dataset_statistics_equal_numpy_over_the_whole_set(tmp_path, capsys, mon
     arrays = [u16(6 + i, 9, 4) for i in range(5)]  # images of different sizes: a pixel-weighted mean
     root = write_folder(tmp_path / "data", arrays)
     (root / "a" / "broken.tif").write_bytes(b"II*\x00 not a tiff")  # skipped and counted
-    stats = channel_statistics(open_source(str(root), "train", val_fraction=0.0), 4, samples=None, progress=False)
+    stats = channel_statistics(
+        open_source(str(root), "train", val_fraction=0.0), 4, samples=None, progress=False
+    )
     every = np.concatenate([a.reshape(-1, 4) for a in arrays]).astype(np.float64) / 65535
-    np.testing.assert_allclose(stats.mean, every.mean(0), rtol=1e-6)  # float32 pixels, as the model takes them
+    np.testing.assert_allclose(
+        stats.mean, every.mean(0), rtol=1e-6
+    )  # float32 pixels, as the model takes them
     np.testing.assert_allclose(stats.std, every.std(0), rtol=1e-6)
-    np.testing.assert_allclose(stats.min, every.min(0)) and np.testing.assert_allclose(stats.max, every.max(0))
+    np.testing.assert_allclose(stats.min, every.min(0)) and np.testing.assert_allclose(
+        stats.max, every.max(0)
+    )
     assert (stats.images, stats.skipped, stats.pixels) == (5, 1, len(every))
     # the script prints and writes the same, and data.stats reads it back
     out = tmp_path / "stats.json"
@@ -227,7 +248,9 @@ def test_dataset_statistics_equal_numpy_over_the_whole_set(tmp_path, capsys, mon
 def test_bad_input_is_refused_in_one_line_or_skipped_and_counted(tmp_path, caplog):
     root = write_folder(tmp_path / "six", [u16(8, 8, 6) for _ in range(2)])
     source = open_source(str(root), "train", val_fraction=0.0)
-    with pytest.raises(ValueError, match=r"data.path='.*six'.*has 6 channel\(s\) and model.num_channels=3") as error:
+    with pytest.raises(
+        ValueError, match=r"data.path='.*six'.*has 6 channel\(s\) and model.num_channels=3"
+    ) as error:
         check_channels(source, 3, None, str(root))
     assert "\n" not in str(error.value)
     check_channels(source, 6, None, str(root))
@@ -237,7 +260,30 @@ def test_bad_input_is_refused_in_one_line_or_skipped_and_counted(tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="simmim.data"):
         assert decode_image(b"II*\x00garbage", "shard-3:k7.tif") is None
     assert "shard-3:k7.tif" in caplog.text
-    with pytest.raises(ValueError, match=r"data.normalize='imagenet': must be dataset or explicit for model.num_channels=6"):
-        load_config(PretrainConfig, overrides=["output_dir=x", "model.num_channels=6", "data.normalize=imagenet"])
+    with pytest.raises(
+        ValueError, match=r"data.normalize='imagenet': must be dataset or explicit for model.num_channels=6"
+    ):
+        load_config(
+            PretrainConfig, overrides=["output_dir=x", "model.num_channels=6", "data.normalize=imagenet"]
+        )
     cfg = load_config(PretrainConfig, overrides=["output_dir=x", "model.num_channels=6"])
     assert cfg.data.normalize == "dataset" and cfg.data.mean is None  # no ImageNet default for 6 bands
+
+
+def test_make_shards_keeps_bands_and_bits(tmp_path, monkeypatch, capsys):
+    """A folder of 6-band 16-bit TIFFs becomes shards of those files; a mixed folder (a TIFF and a 16-bit
+    PNG) is re-encoded as TIFF, every value kept."""
+    arrays = [u16(8, 8, 6) for _ in range(3)]
+    same = write_folder(tmp_path / "same", arrays)
+    mixed = write_folder(tmp_path / "mixed", [u16(8, 8, 1) for _ in range(2)], suffix=".png")
+    (mixed / "a" / "extra.tif").write_bytes(tiff_bytes(u16(8, 8, 1)[:, :, 0], photometric="minisblack"))
+    for folder in (same, mixed):
+        out = tmp_path / f"{folder.name}_shards"
+        monkeypatch.setattr("sys.argv", ["make_shards.py", str(folder), str(out), "--val-fraction", "0"])
+        with pytest.raises(SystemExit) as exit_code:
+            runpy.run_path(str(ROOT / "scripts" / "make_shards.py"), run_name="__main__")
+        assert exit_code.value.code == 0, capsys.readouterr().err
+        shards = open_source(str(out / "train-*.tar"), "train", val_fraction=0.0)
+        originals = open_source(str(folder), "train", val_fraction=0.0)
+        for i in range(len(originals)):
+            np.testing.assert_array_equal(shards.load(i)[0].values, decode_image(originals.load(i)[2], "x").values)

@@ -83,7 +83,9 @@ def six_band_pretraining(six_bands, tmp_path_factory) -> Path:
     return out
 
 
-def test_six_band_pretraining_keeps_its_dataset_statistics_everywhere(six_band_pretraining, six_bands, monkeypatch, capsys):
+def test_six_band_pretraining_keeps_its_dataset_statistics_everywhere(
+    six_band_pretraining, six_bands, monkeypatch, capsys
+):
     out = six_band_pretraining
     stats = DatasetStatistics.read(out / "dataset_stats.json")
     assert stats.num_channels == 6 and stats.images == 9  # the 12 images less the validation quarter
@@ -97,7 +99,9 @@ def test_six_band_pretraining_keeps_its_dataset_statistics_everywhere(six_band_p
     assert Image.open(out / "eval" / "reconstructions.png").mode == "RGB"
 
 
-def test_six_band_classifier_probe_predict_and_transformers(six_band_pretraining, six_bands, tmp_path, monkeypatch, capsys):
+def test_six_band_classifier_probe_predict_and_transformers(
+    six_band_pretraining, six_bands, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "cls"
     args = [f"output_dir={out}", f"data.path={six_bands}", "model.num_channels=6", "model.head=cls",
             f"model.init={six_band_pretraining / 'export'}", "aug.mixup=0", "aug.cutmix=0", *SHORT]  # fmt: skip
@@ -114,7 +118,9 @@ def test_six_band_classifier_probe_predict_and_transformers(six_band_pretraining
     ours = DeiTImageProcessor.from_pretrained(export)(to_model_pixels(decode_image(_tiff(image), "x"), 6),
                                                       do_rescale=False)["pixel_values"]  # fmt: skip
     scaled = (image.astype(np.float32) / 65535).transpose(2, 0, 1)
-    theirs = hf(scaled, do_rescale=False, input_data_format="channels_first", return_tensors="pt")["pixel_values"]
+    theirs = hf(scaled, do_rescale=False, input_data_format="channels_first", return_tensors="pt")[
+        "pixel_values"
+    ]
     assert ours.shape == (1, 6, 32, 32) and torch.equal(ours, theirs)
     # predict reads the TIFF as training did, with the export's statistics
     lines = run_script("predict.py", ["--model", str(export), "--top-k", "2", str(six_bands / "right")],

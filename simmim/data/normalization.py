@@ -57,13 +57,17 @@ class DatasetStatistics:
         try:
             content = json.loads(Path(path).read_text())
             names = {f.name for f in dataclasses.fields(cls)}
-            stats = cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in content.items() if k in names})
+            stats = cls(
+                **{k: (tuple(v) if isinstance(v, list) else v) for k, v in content.items() if k in names}
+            )
         except (OSError, ValueError, TypeError) as error:
             raise ValueError(
                 f"data.stats={str(path)!r} is not a statistics file of scripts/dataset_stats.py ({error})"
             ) from None
         if not (len(stats.mean) == len(stats.std) > 0 and all(s > 0 for s in stats.std)):
-            raise ValueError(f"data.stats={str(path)!r}: its mean and std must have one value per channel, std > 0")
+            raise ValueError(
+                f"data.stats={str(path)!r}: its mean and std must have one value per channel, std > 0"
+            )
         return stats
 
 
@@ -128,7 +132,9 @@ def channel_statistics(
         low, high = np.minimum(low, values.min(axis=1)), np.maximum(high, values.max(axis=1))
         images += 1
     if images == 0:
-        raise ValueError(f"{data or source}: none of the {total} images drawn could be read with {num_channels} channels")
+        raise ValueError(
+            f"{data or source}: none of the {total} images drawn could be read with {num_channels} channels"
+        )
     std = np.sqrt(m2 / n)
     constant = [c for c in range(num_channels) if not std[c] > 0]
     if constant:
@@ -165,8 +171,13 @@ def with_dataset_statistics(cfg: Any, source: ImageSource, kept: Path, *, write:
     (the main process); and one line that says what normalises the run's pixels."""
     d, channels = cfg.data, cfg.model.num_channels
     if d.normalize != "dataset" or d.mean is not None:
-        whose = {"imagenet": "ImageNet's", "explicit": "data.mean and data.std's"}.get(d.normalize, "the dataset's")
-        return cfg, f"pixels normalised ({d.normalize}) with {whose} mean {_rounded(d.mean)}, std {_rounded(d.std)}"
+        whose = {"imagenet": "ImageNet's", "explicit": "data.mean and data.std's"}.get(
+            d.normalize, "the dataset's"
+        )
+        return (
+            cfg,
+            f"pixels normalised ({d.normalize}) with {whose} mean {_rounded(d.mean)}, std {_rounded(d.std)}",
+        )
     if d.stats is not None:
         stats, origin = DatasetStatistics.read(d.stats), d.stats
     elif kept.is_file():
