@@ -6,7 +6,9 @@ against a plain PIL + torchvision-v1 pipeline (RandomResizedCrop, flip, ToTensor
 
 The same images are also read as streams (`data.streaming=true`) from webdataset tar shards and from
 parquet shards written to a temporary folder: a stream should reach >= 90% of the folder's rate per
-worker, decoding being the cost, not the container.
+worker, decoding being the cost, not the container. And as the images users bring beside RGB: a folder of
+16-bit grey TIFFs (1 band) and one of 6-band 16-bit TIFFs (uncompressed, made from the same images), read
+with model.num_channels=1 and 6: they decode with tifffile and are transformed as float32.
 
 One process with one torch thread and num_workers=0, as inside one DataLoader worker; the pipelines run
 alternately, batch by batch, so that all see the same machine load and a warm page cache. Target: >= 800 img/s.
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import tifffile
 import torch
 import torchvision.transforms as T
 from PIL import Image
@@ -102,6 +105,24 @@ def write_shards(paths: list[str], labels: list[int], directory: Path, per_shard
         datasets.Dataset.from_dict(rows, features=features).to_parquet(str(parquet))
 
 
+def write_tiffs(paths: list[str], directory: Path) -> tuple[Path, Path]:
+    """The images as 16-bit grey TIFFs and as 6-band 16-bit TIFFs (R, G, B, grey, and two band ratios'
+    stand-ins), in flat folders: what a microscope or a multispectral sensor writes."""
+    grey_dir, bands_dir = directory / "grey16", directory / "bands6"
+    grey_dir.mkdir()
+    bands_dir.mkdir()
+    for i, path in enumerate(paths):
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"), dtype=np.uint16) * 257  # 8 -> 16 bits, full range
+        grey = rgb.mean(axis=2).astype(np.uint16)
+        bands = np.dstack(
+            [rgb, grey, 65535 - grey, np.abs(rgb[:, :, 0].astype(np.int32) - rgb[:, :, 1]).astype(np.uint16)]
+        )
+        tifffile.imwrite(grey_dir / f"{i:05d}.tif", grey, photometric="minisblack")
+        tifffile.imwrite(bands_dir / f"{i:05d}.tif", bands, photometric="minisblack", planarconfig="contig")
+    return grey_dir, bands_dir
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -122,11 +143,12 @@ def main() -> None:
     for sub in ("tar", "parquet/data"):
         (shards / sub).mkdir(parents=True)
     write_shards(paths, [int(v) for v in source.labels()], shards)
+    grey_dir, bands_dir = write_tiffs(paths, shards)
 
-    def loader(images) -> DataLoader:
-        dataset = MaskedImageDataset(
-            images, pretrain_transform(args.image_size), MaskGenerator(args.image_size, 32, 16, 0.6)
-        )
+    def loader(images, channels: int = 3) -> DataLoader:
+        stats = {} if channels == 3 else {"mean": [0.5] * channels, "std": [0.25] * channels}
+        transform = pretrain_transform(args.image_size, num_channels=channels, **stats)
+        dataset = MaskedImageDataset(images, transform, MaskGenerator(args.image_size, 32, 16, 0.6))
         options = dict(batch_size=args.batch_size, shuffle=True, drop_last=False, num_workers=0, seed=0)
         return build_loader(dataset, collate_fn=collate_pretrain, **options)
 
@@ -138,6 +160,8 @@ def main() -> None:
         "tar": loader(open_source(str(shards / "tar"), "train", streaming=True, val_fraction=0)),
         "parquet": loader(open_source(str(shards / "parquet"), "train", streaming=True, val_fraction=0)),
         "reference": reference_loader,
+        "grey16": loader(open_source(str(grey_dir), "train", val_fraction=0), channels=1),
+        "bands6": loader(open_source(str(bands_dir), "train", val_fraction=0), channels=6),
     }
     try:
         interleaved_rates(loaders, len(paths))  # warm-up round, not counted
@@ -154,10 +178,14 @@ def main() -> None:
         "tar": "  same, streamed from tar shards",
         "parquet": "  same, streamed from parquet shards",
         "reference": "reference (PIL + v1 Compose)",
+        "grey16": "16-bit grey TIFF folder (1 band)",
+        "bands6": "6-band 16-bit TIFF folder",
     }
     for name, (wall, cpu) in rates.items():
         print(f"{labels[name]:<38} {wall:10.0f} {cpu:10.0f}")
-    for name, peer in (("simmim", "reference"), ("tar", "simmim"), ("parquet", "simmim")):
+    for name, peer in (
+        ("simmim", "reference"), ("tar", "simmim"), ("parquet", "simmim"), ("grey16", "simmim"), ("bands6", "simmim")
+    ):  # fmt: skip
         ratio = rates[name] / rates[peer]
         print(f"{f'ratio {name} / {peer}':<38} {ratio[0]:9.2f}x {ratio[1]:9.2f}x")
     print("targets: simmim >= 800 img/s; a stream >= 0.90x the folder (simmim)")
