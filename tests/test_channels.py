@@ -286,4 +286,22 @@ def test_make_shards_keeps_bands_and_bits(tmp_path, monkeypatch, capsys):
         shards = open_source(str(out / "train-*.tar"), "train", val_fraction=0.0)
         originals = open_source(str(folder), "train", val_fraction=0.0)
         for i in range(len(originals)):
-            np.testing.assert_array_equal(shards.load(i)[0].values, decode_image(originals.load(i)[2], "x").values)
+            np.testing.assert_array_equal(
+                shards.load(i)[0].values, decode_image(originals.load(i)[2], "x").values
+            )
+
+
+def test_a_mixed_channel_dataset_skips_and_counts_the_odd_images(tmp_path, caplog):
+    from simmim.data import LabeledImageDataset
+
+    root = write_folder(tmp_path / "mixed", [u16(8, 8, 6), u16(8, 8, 3), u16(8, 8, 6)])
+    dataset = LabeledImageDataset(
+        open_source(str(root), "train", val_fraction=0.0),
+        eval_transform(8, mean=[0.5] * 6, std=[0.2] * 6, num_channels=6),
+    )
+    with caplog.at_level(logging.WARNING, logger="simmim.data"):
+        items = [dataset[i] for i in range(len(dataset))]
+    assert (
+        sum(item is None for item in items) == 1
+        and "has 3 channel(s) and model.num_channels=6" in caplog.text
+    )
