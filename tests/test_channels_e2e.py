@@ -1,7 +1,6 @@
 """Runs on images that are not 8-bit RGB, end to end and in process (tiny): a folder of 6-band 16-bit TIFFs
 through pretraining with the dataset's statistics, the reconstruction grid through chosen bands, a
-classifier fine-tuned from that export, the probe and predict; 1-channel 16-bit PNGs through fine-tuning
-and predict. Each export carries the statistics it was trained with, and loads in Transformers."""
+classifier fine-tuned from that export, the probe and predict; 1-channel 16-bit PNGs through the same. Each export carries the statistics it was trained with, and loads in Transformers."""
 
 from __future__ import annotations
 
@@ -132,11 +131,23 @@ def test_six_band_classifier_probe_predict_and_transformers(
     assert "knn" in json.loads((tmp_path / "probe" / "metrics.json").read_text())["encoder"]
 
 
-def test_grey_16bit_finetune_and_predict(tmp_path, monkeypatch, capsys):
+def test_grey_16bit_pretrain_probe_finetune_and_predict(tmp_path, monkeypatch, capsys):
     data = write_folder(tmp_path / "grey", 1, ".png")
+    pretrained = tmp_path / "pt"
+    args = [
+        f"output_dir={pretrained}",
+        f"data.path={data}",
+        "model.num_channels=1",
+        "mask.patch_size=16",
+        *SHORT,
+    ]
+    pretrain.run(load_config(PretrainConfig, None, args))
+    run_script("eval_probe.py", ["--checkpoint", str(pretrained), "--data", str(data), "--holdout", "0.25",
+               "--probes", "linear", "--linear-epochs", "2", "--layers", "2", "--no-random-init",
+               "--num-workers", "0", "--out", str(tmp_path / "probe")], monkeypatch, capsys)  # fmt: skip
     out = tmp_path / "run"
     args = [f"output_dir={out}", f"data.path={data}", "model.num_channels=1", "model.head=cls",
-            "aug.mixup=0", "aug.cutmix=0", *SHORT]  # fmt: skip
+            f"model.init={pretrained}", "aug.mixup=0", "aug.cutmix=0", *SHORT]  # fmt: skip
     finetune.run(load_config(FinetuneConfig, None, args))
     assert "pixels normalised (dataset)" in capsys.readouterr().out  # the run says what it used
     stats = DatasetStatistics.read(out / "dataset_stats.json")
