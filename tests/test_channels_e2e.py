@@ -149,7 +149,7 @@ def test_grey_16bit_pretrain_probe_finetune_and_predict(tmp_path, monkeypatch, c
     args = [f"output_dir={out}", f"data.path={data}", "model.num_channels=1", "model.head=cls",
             f"model.init={pretrained}", "aug.mixup=0", "aug.cutmix=0", *SHORT]  # fmt: skip
     finetune.run(load_config(FinetuneConfig, None, args))
-    assert "pixels normalised (dataset)" in capsys.readouterr().out  # the run says what it used
+    assert "pixels normalised with the dataset's statistics" in capsys.readouterr().out  # the run says what it used
     stats = DatasetStatistics.read(out / "dataset_stats.json")
     processor = json.loads((out / "export" / "preprocessor_config.json").read_text())
     assert processor["image_mean"] == pytest.approx(stats.mean) and len(stats.mean) == 1

@@ -2,7 +2,8 @@
 # Demonstration (issue 23): continued SimMIM pretraining. An encoder pretrained by SimMIM on Imagenette goes
 # on with SimMIM on CIFAR-10's unlabelled train images, then is fine-tuned on 10% of CIFAR-10's labels,
 # against the same fine-tuning from the Imagenette encoder alone and from scratch.
-# Command:   bash recipes/demos/continue_cifar10.sh      (run again to resume; BASE=, OUT=, SEED= to vary)
+# Command:   bash recipes/demos/continue_cifar10.sh [key=value ...]   (run again to resume; BASE=, OUT=, SEED=,
+#            CONT_EPOCHS=, FT_EPOCHS=, CIFAR= to vary; the overrides go to every run)
 # What:      BASE: a SimMIM run on Imagenette's train carve (made here if missing: the study's model and the
 #            pilots' chosen settings, 10 epochs: recipes/study/imagenette_cpu_pilots.sh's norm15_lr5e-4).
 #            continued: model.init=BASE/export, CONT_EPOCHS (default 1) epochs of SimMIM on 90% of CIFAR-10's
@@ -21,7 +22,7 @@ CONT_EPOCHS=${CONT_EPOCHS:-1}
 FT_EPOCHS=${FT_EPOCHS:-6}
 SEED=${SEED:-0}
 py=${PYTHON:-.venv/bin/python}
-cifar=../shared/data/cifar10
+cifar=${CIFAR:-../shared/data/cifar10}
 carve=(data.holdout_from_train=true data.val_fraction=0.1 data.holdout_seed=0 train.precision=auto)
 if [ ! -f "$BASE/export/config.json" ]; then
   PILOT_ROOT=$(dirname "$BASE") bash recipes/study/imagenette_cpu_pilots.sh "$(basename "$BASE")" \
@@ -30,12 +31,12 @@ fi
 $py scripts/pretrain.py --recipe recipes/study/imagenette_cpu_pretrain.yaml output_dir="$OUT/continued" \
     model.init="$BASE/export" data.path=$cifar train.epochs="$CONT_EPOCHS" optim.base_lr=2e-3 optim.min_lr=2e-5 \
     optim.warmup_epochs=0.1 loss.norm_target=true loss.norm_target_window=15 train.snapshot_epochs=[] \
-    train.eval_every_steps=400 train.eval_batches=4 "${carve[@]}"
+    train.eval_every_steps=400 train.eval_batches=4 "${carve[@]}" "$@"
 declare -A inits=([continued]="$OUT/continued/export" [imagenette]="$BASE/export" [scratch]=scratch)
 for arm in continued imagenette scratch; do
   $py scripts/finetune.py --recipe recipes/study/imagenette_cpu_student.yaml output_dir="$OUT/ft_$arm" \
       model.init="${inits[$arm]}" data.path=$cifar data.label_fraction=0.1 train.epochs="$FT_EPOCHS" \
-      train.eval_every_epochs=3 seed="$SEED" "${carve[@]}"
+      train.eval_every_epochs=3 seed="$SEED" "${carve[@]}" "$@"
 done
 $py - "$OUT" <<'PY'
 import json, sys

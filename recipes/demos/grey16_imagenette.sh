@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Demonstration (issue 23): SimMIM on 12-bit grey sensor images, normalised with the dataset's statistics
 # against ImageNet's (as grey), everything else equal.
-# Command:   bash recipes/demos/grey16_imagenette.sh          (run again to resume; OUT=... to move it)
+# Command:   bash recipes/demos/grey16_imagenette.sh [key=value ...]   (run again to resume; OUT=, EPOCHS=,
+#            IMAGENETTE= to vary; the overrides go to both pretrainings)
 # Data:      recipes/demos/make_grey16.py: Imagenette's train split as 12-bit grey in 16-bit PNGs, 80 px.
 # What:      two pretrainings of recipes/study/imagenette_cpu_pretrain.yaml with model.num_channels=1, for
 #            EPOCHS epochs (default 4, 1/2 warmup) on 90% of the split (data.holdout_from_train, seed 0):
@@ -18,7 +19,7 @@ OUT=${OUT:-runs/demos/grey16}
 EPOCHS=${EPOCHS:-4}
 py=${PYTHON:-.venv/bin/python}
 data=$OUT/data
-$py recipes/demos/make_grey16.py ../shared/data/imagenette "$data"
+$py recipes/demos/make_grey16.py "${IMAGENETTE:-../shared/data/imagenette}" "$data"
 declare -A arm_overrides=(
   [dataset]="data.normalize=dataset"
   [imagenet]="data.normalize=explicit data.mean=[0.449] data.std=[0.226]"
@@ -28,7 +29,7 @@ for arm in dataset imagenet; do
   $py scripts/pretrain.py --recipe recipes/study/imagenette_cpu_pretrain.yaml output_dir="$OUT/$arm" \
       data.path="$data" model.num_channels=1 train.epochs="$EPOCHS" optim.warmup_epochs=0.5 \
       train.snapshot_epochs=[] train.eval_every_steps=400 train.eval_batches=null train.precision=auto \
-      data.holdout_from_train=true data.val_fraction=0.1 data.holdout_seed=0 ${arm_overrides[$arm]}
+      data.holdout_from_train=true data.val_fraction=0.1 data.holdout_seed=0 ${arm_overrides[$arm]} "$@"
   [ -f "$OUT/$arm/probe/metrics.json" ] || $py scripts/eval_probe.py --checkpoint "$OUT/$arm/export" \
       --data "$data" --holdout 0.1 --layers 6 --probes linear --no-random-init --out "$OUT/$arm/probe"
 done

@@ -171,12 +171,14 @@ def with_dataset_statistics(cfg: Any, source: ImageSource, kept: Path, *, write:
     (the main process); and one line that says what normalises the run's pixels."""
     d, channels = cfg.data, cfg.model.num_channels
     if d.normalize != "dataset" or d.mean is not None:
-        whose = {"imagenet": "ImageNet's", "explicit": "data.mean and data.std's"}.get(
-            d.normalize, "the dataset's"
-        )
-        return (
-            cfg,
-            f"pixels normalised ({d.normalize}) with {whose} mean {_rounded(d.mean)}, std {_rounded(d.std)}",
+        whose = {
+            "imagenet": "ImageNet's statistics",
+            "explicit": "data.mean and data.std",
+            "dataset": "the dataset's statistics, as saved in the run's config",
+        }[d.normalize]
+        return cfg, (
+            f"pixels normalised with {whose} (data.normalize={d.normalize}): "
+            f"mean {_rounded(d.mean)}, std {_rounded(d.std)}"
         )
     if d.stats is not None:
         stats, origin = DatasetStatistics.read(d.stats), d.stats
@@ -195,7 +197,10 @@ def with_dataset_statistics(cfg: Any, source: ImageSource, kept: Path, *, write:
             f"data.stats={origin!r} has {stats.num_channels} channels and model.num_channels={channels}"
         )
     data = dataclasses.replace(d, mean=stats.mean, std=stats.std)
-    line = f"pixels normalised (dataset) with mean {_rounded(stats.mean)}, std {_rounded(stats.std)}, from {origin}"
+    line = (
+        f"pixels normalised with the dataset's statistics (data.normalize=dataset) of {origin}: "
+        f"mean {_rounded(stats.mean)}, std {_rounded(stats.std)}"
+    )
     return dataclasses.replace(cfg, data=data), line
 
 
