@@ -21,3 +21,15 @@ class StageFailed(RuntimeError):
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (a full disk, a permission); the message names the intact one."""
+
+
+class LabelError(RuntimeError):
+    """An example's label is outside the run's classes; the message names the example (its shard or dataset,
+    and its key). Raised where the example is read, which may be a loader worker: torch raises it again in the
+    main process as LabelError("Caught LabelError in DataLoader worker ... Traceback ...: <message>"), from
+    which the message is taken back, so that the command line still prints one line."""
+
+    def __init__(self, message: str) -> None:
+        if message.startswith("Caught ") and "Traceback" in message:
+            message = message.rstrip().rsplit(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)

@@ -30,6 +30,7 @@ from simmim.data import (
     eval_transform,
     finetune_transform,
 )
+from simmim.data.class_names import check_labels, named_classes
 from simmim.data.sources import SubsetSource, balanced_subset, open_split
 from simmim.engine import Task, train
 from simmim.exports import export_model, logits_of, new_deit, open_classifier, open_init
@@ -164,15 +165,9 @@ class FinetuneTask(Task):
     def __init__(self, cfg: FinetuneConfig, accelerator: Accelerator) -> None:
         self.cfg, self.accelerator, d, head = cfg, accelerator, cfg.data, cfg.model.head
         train_source, val_source = open_split(cfg, d.train_split), open_split(cfg, d.val_split)
-        if not train_source.class_names:
-            raise ValueError(
-                f"data.path={d.path!r} has no class names: fine-tuning needs class folders, a ClassLabel "
-                "column, or integer labels with the class names in an index.json beside the shards (as "
-                "scripts/make_shards.py writes)"
-                if train_source.has_labels
-                else f"data.path={d.path!r} has no labels: fine-tuning needs class folders or a label column"
-            )
-        self.id2label = dict(enumerate(train_source.class_names))
+        self.id2label = dict(enumerate(named_classes(train_source, f"data.path={d.path!r}")))
+        for source in (train_source, val_source):
+            check_labels(source)  # a map-style source's labels, read up front (a stream's as they are read)
         self.num_classes = num_classes = len(self.id2label)
         if d.label_fraction < 1.0:
             kept = balanced_subset(train_source.labels(), d.label_fraction, cfg.seed)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from simmim.data.class_names import resolve_class_names
 from simmim.data.decoding import IMAGE_EXTENSIONS, decode_image
 from simmim.data.source_base import ImageSource, Sample, carve_split
 from simmim.data.streams import DatasetShards, FolderShards, StreamSource, data_files
@@ -249,16 +250,20 @@ class _HuggingFaceColumns:
         """Keep the two columns and leave images encoded, so that a broken one is skipped, not raised."""
         import datasets
 
-        # and webdataset's example key, which names the example in warnings
-        keep = [c for c in (self.image, self.label, "__key__") if c is not None and c in dataset.features]
+        # and webdataset's example key and shard, which name the example in warnings
+        columns = (self.image, self.label, "__key__", "__url__")
+        keep = [c for c in columns if c is not None and c in dataset.features]
         dataset = dataset.select_columns(keep)
         if isinstance(dataset.features[self.image], datasets.Image):
             dataset = dataset.cast_column(self.image, datasets.Image(decode=False))
         return dataset
 
 
-def _image_name(base: str, example_image: Any) -> str:
-    path = example_image.get("path") if isinstance(example_image, dict) else None
+def _example_name(base: str, example: dict, image_column: str) -> str:
+    """`base` with the example's shard and key (webdataset's columns) or else its image's path, if known."""
+    if example.get("__url__") and example.get("__key__") is not None:
+        return f"{base} ({os.path.basename(example['__url__'])}:{example['__key__']})"
+    path = example[image_column].get("path") if isinstance(example[image_column], dict) else None
     return f"{base} ({path})" if path else base
 
 
@@ -294,7 +299,7 @@ class HuggingFaceSource(_HuggingFaceImages):
     def load(self, index: int, decode_size: int | None = None) -> Sample:
         row = int(self.rows[index]) if self.rows is not None else index
         example = self.dataset[row]
-        name = _image_name(f"{self.name}[{row}]", example[self.columns.image])
+        name = _example_name(f"{self.name}[{row}]", example, self.columns.image)
         return (
             decode_image(example[self.columns.image], name, decode_size),
             self.columns.label_of(example),
@@ -519,7 +524,8 @@ def _looks_local(path: str) -> bool:
 
 
 def open_split(cfg: Any, split: str) -> ImageSource:
-    """The run's `split` (its train or validation split) from a run config's `data` section.
+    """The run's `split` (its train or validation split) from a run config's `data` section, its class
+    names the data's own or the config's (`simmim.data.class_names`).
 
     With `data.holdout_from_train`, both come from the train split: `val_fraction` of it, carved with
     `data.holdout_seed`, is the validation split (for choosing settings without reading the real one)."""
@@ -536,6 +542,9 @@ def open_split(cfg: Any, split: str) -> ImageSource:
         synthetic_size=d.synthetic_size,
         synthetic_image_size=max(cfg.model.image_size, 32),
     )
+    if source.has_labels:
+        found, where = source.class_names, f"data.path={d.path!r}"
+        source.class_names = resolve_class_names(found, d.num_classes, d.class_names, where)
     if not holdout:
         return source
     return holdout_split(
