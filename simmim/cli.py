@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -25,6 +27,7 @@ from simmim.config_fields import bounds, type_name
 from simmim.data.decoding import BadImageError
 from simmim.errors import (
     CheckpointWriteError,
+    LabelError,
     NonFiniteLossError,
     PeerLostError,
     RemoteReadError,
@@ -41,6 +44,7 @@ RUN_ERRORS = (
     CheckpointWriteError,
     PeerLostError,
     RemoteReadError,
+    LabelError,
 )
 
 
@@ -64,8 +68,24 @@ def run_main(main: Callable[[], Any]) -> int:
         if os.environ.get("SIMMIM_DEBUG") == "1":
             raise
         print(error_line(e), file=sys.stderr)
-        return 1 if isinstance(e, RUN_ERRORS) else 2
-    return 0 if code is None else int(code)
+        code = 1 if isinstance(e, RUN_ERRORS) else 2
+    else:
+        return 0 if code is None else int(code)
+    _stop_loader_workers()
+    return code
+
+
+def _stop_loader_workers() -> None:
+    """Kill the loader workers a failed run left running (torchdata's StatefulDataLoader leaves those that
+    raised): they ignore SIGTERM (simmim.data.loader), which is how the exit stops daemonic children, and the
+    process would wait for them forever. torch's SIGCHLD handler, which reports a killed worker as a
+    failure, goes first."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers and hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in workers:
+        worker.kill()
+        worker.join()
 
 
 def config_help(cls: type, prefix: str = "", base: Any = None) -> str:

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
+from simmim.config_fields import names_or_file
+
 # reading and writing configs live in config_io; re-exported here, where callers look for them
 from simmim.config_io import config_from_dict, config_to_dict, load_config, save_config  # noqa: F401
 from simmim.models import DeiTConfig
@@ -50,6 +52,7 @@ def _check(ok: bool, key: str, value: Any, must: str) -> None:
 
 # A tuple field's range sits in its element type (pydantic checks the elements one by one).
 Scale = Annotated[Float, Field(gt=0)]  # a channel's std
+ClassNames = Annotated[tuple[Str, ...], BeforeValidator(names_or_file)]  # data.class_names
 
 
 @dataclass(frozen=True, config=_STRICT_KEYS)
@@ -122,8 +125,19 @@ class DataConfig:
         "reading that split",
     )
     holdout_seed: Int = 0
+    num_classes: Int | None = Field(
+        None, gt=0, description='integer labels with no names of their own (`.cls` shards): classes named "0" '
+        'to "N-1"; data that names its classes must have N'
+    )  # fmt: skip
+    class_names: ClassNames = Field(
+        (), description="integer labels' class names, label i naming class i: a list or a text file of one name "
+        "per line (read once: the saved config lists them); data that names its classes must name these"
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
+        n, names = self.num_classes, self.class_names
+        _check(n is None or not names or len(names) == n, "class_names", list(names),
+               f"name data.num_classes={n} classes")  # fmt: skip
         v = self.val_fraction
         _check(not self.holdout_from_train or 0 < v < 1, "val_fraction", v,
                "be in (0, 1) with data.holdout_from_train=true (the share of train held out)")  # fmt: skip

@@ -1,6 +1,6 @@
 """Config fields as the user reads them: a pydantic location as the dotted key recipes write, a type as
-"int | None", a range as "must be in [0, 1)", and a validation error as one line naming the key, the value
-and what was expected. Used by `simmim.config` (errors) and `simmim.cli` (--help).
+"int | None", a range as "must be in [0, 1)", a validation error as one line naming the key, the value
+and what was expected, and a list given as a file of lines. Used by `simmim.config` (errors) and `simmim.cli` (--help).
 """
 
 from __future__ import annotations
@@ -8,9 +8,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import types
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic.fields import FieldInfo
@@ -89,6 +91,8 @@ def one_line_error(cls: type, tree: Any, error: dict[str, Any]) -> str:
     """A pydantic error as ``key=value: what was expected``, the key dotted as recipes and overrides write it."""
     kind, loc, value = error["type"], tuple(error["loc"]), error["input"]
     key = dotted(loc)
+    if kind == "value_error" and not dataclasses.is_dataclass(field_at(cls, loc).annotation):
+        return f"{key}={value!r}: {error['ctx']['error']}"  # a field's own validator
     if kind == "value_error":  # a __post_init__ check, naming keys within its section
         return f"{key}.{error['ctx']['error']}" if key else str(error["ctx"]["error"])
     if kind in _UNKNOWN:
@@ -109,3 +113,16 @@ def one_line_error(cls: type, tree: Any, error: dict[str, Any]) -> str:
     if kind == "missing":  # a tuple given too few elements
         loc = loc[:-1]
     return f"{dotted(loc)}={value!r}: expected {type_name(field_at(cls, loc).annotation)}"
+
+
+def names_or_file(value: Any) -> Any:
+    """A list of names (data.class_names) as given, or read from the path of a UTF-8 text file whose line i
+    is name i (stripped of surrounding spaces, none blank); the names must be distinct."""
+    if isinstance(value, str):
+        path = os.path.expanduser(value)
+        if not os.path.isfile(path):
+            raise ValueError("no such file (give a list of names, or a text file of one name per line)")
+        value = [line.strip() for line in Path(path).read_text("utf-8").splitlines()]
+    if isinstance(value, list | tuple) and ("" in value or len(set(value)) < len(value)):
+        raise ValueError("the names must be distinct and none blank (a file: one name per line)")
+    return value

@@ -23,16 +23,28 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (a full disk, a permission); the message names the intact one."""
 
 
+class WorkerError(RuntimeError):
+    """An error that may be raised inside a DataLoader worker: torch raises it again in the main process as
+    its type, with the worker's traceback as the message ("Caught X in DataLoader worker ... Traceback ...:
+    X: <message>"); the error's own line, the traceback's last, is taken back, so that the command line
+    still prints one line."""
+
+    def __init__(self, message: str) -> None:
+        if message.startswith("Caught ") and "Traceback" in message:
+            message = message.rstrip().rsplit(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+
+
 class PeerLostError(RuntimeError):
     """Another process of a DDP or FSDP run stopped answering (train.collective_timeout_s passed) or closed
     its connection; the message says which, at what step, and names the intact checkpoint."""
 
 
-class RemoteReadError(RuntimeError):
+class RemoteReadError(WorkerError):
     """A remote stream's reads still failed after data.remote_retries tries; the message names the shard and
-    the last error. torch's DataLoader re-raises a worker's error as its type with the worker's traceback
-    as the message: the error's own line, the traceback's last, is kept."""
+    the last error."""
 
-    def __init__(self, message: str) -> None:
-        own = message.rstrip().splitlines()[-1].partition(f"{type(self).__name__}: ")[2] if message else ""
-        super().__init__(own or message)
+
+class LabelError(WorkerError):
+    """An example's label is outside the run's classes; the message names the example (its shard or dataset,
+    and its key). Raised where the example is read, which may be a loader worker."""

@@ -30,6 +30,7 @@ from simmim.data import (
     eval_transform,
     finetune_transform,
 )
+from simmim.data.class_names import check_labels, named_classes
 from simmim.data.normalization import check_channels, pixel_args, with_dataset_statistics
 from simmim.data.sources import SubsetSource, balanced_subset, open_split
 from simmim.data.transforms import rand_augment_applies
@@ -171,15 +172,9 @@ class FinetuneTask(Task):
         cfg, normalised = with_dataset_statistics(cfg, train_source, kept, write=accelerator.is_main_process)
         accelerator.print(normalised)
         self.cfg, self.accelerator, d = cfg, accelerator, cfg.data
-        if not train_source.class_names:
-            raise ValueError(
-                f"data.path={d.path!r} has no class names: fine-tuning needs class folders, a ClassLabel "
-                "column, or integer labels with the class names in an index.json beside the shards (as "
-                "scripts/make_shards.py writes)"
-                if train_source.has_labels
-                else f"data.path={d.path!r} has no labels: fine-tuning needs class folders or a label column"
-            )
-        self.id2label = dict(enumerate(train_source.class_names))
+        self.id2label = dict(enumerate(named_classes(train_source, f"data.path={d.path!r}")))
+        for source in (train_source, val_source):
+            check_labels(source)  # a map-style source's labels, read up front (a stream's as they are read)
         self.num_classes = num_classes = len(self.id2label)
         if d.label_fraction < 1.0:
             kept = balanced_subset(train_source.labels(), d.label_fraction, cfg.seed)

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from simmim.data.class_names import check_label
 from simmim.data.sources import ImageSource
 from simmim.masking import MaskGenerator
 
@@ -135,8 +136,10 @@ class LabeledImageDataset(_TransformedImages):
         if not source.has_labels:
             raise ValueError(f"{source} has no labels (a flat folder or a dataset without a label column)")
         super().__init__(source, transform)
+        self.num_classes = len(source.class_names) if source.class_names else None
 
     def make_item(self, image: Any, label: int, name: str, index: int, sample_seed: int) -> Item | None:
+        check_label(label, name, self.num_classes)  # a stream's labels are known only as they are read
         if label < 0:
             logger.warning("skipping %s: it has no label", name)
             return None

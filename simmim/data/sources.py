@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from simmim.data.class_names import resolve_class_names
+from simmim.data.columns import HuggingFaceColumns
 from simmim.data.decoding import IMAGE_EXTENSIONS, decode_image
 from simmim.data.remote import RetryPolicy, check_answers, own_the_retries, read_json, retrying
 from simmim.data.source_base import ImageSource, Sample, carve_split
@@ -34,8 +36,6 @@ logger = logging.getLogger("simmim.data")
 
 # names a requested split may be found under, in order of preference
 _SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "val", "valid", "test")}
-_IMAGE_COLUMNS = ("image", "img", "npy")  # npy: webdataset's `{key}.npy` arrays
-_LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target", "cls")  # cls: webdataset's `.cls`
 _SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
 SHARD_INDEX = "index.json"  # beside shards: class names and shard sizes (scripts/make_shards.py)
 _HF_DATA_SUFFIXES = (".parquet", ".arrow", ".csv", ".json", ".jsonl", ".py", ".tar", ".zip")
@@ -192,102 +192,16 @@ def _open_folder(root: str, layout: str, split: str, val_fraction: float, seed: 
 # Hugging Face datasets
 
 
-def _find_column(
-    columns: dict[str, Any], given: str | None, names: tuple[str, ...], kind: type
-) -> str | None:
-    if given is not None:
-        if given not in columns:
-            raise ValueError(f"column {given!r} not found; the dataset has {list(columns)}")
-        return given
-    by_name = [name for name in names if name in columns]
-    by_type = [name for name, feature in columns.items() if isinstance(feature, kind)]
-    return (by_name + by_type + [None])[0]
-
-
-def _element_dtype(feature: Any) -> str | None:
-    """The numeric element type of a nested list or array feature ("uint16"), or None for an image."""
-    import datasets
-
-    nested = False
-    while isinstance(feature, list) or (hasattr(feature, "feature") and not isinstance(feature, dict)):
-        feature, nested = (feature[0] if isinstance(feature, list) else feature.feature), True
-    numeric = isinstance(feature, datasets.Value) and feature.dtype not in ("string", "large_string", "binary")
-    if isinstance(feature, (datasets.Array2D, datasets.Array3D)) or (nested and numeric):
-        return feature.dtype
-    return None
-
-
-class _HuggingFaceColumns:
-    """Which columns hold the image and the label, and how a label value becomes a class index."""
-
-    def __init__(self, features: Any, image_column: str | None, label_column: str | None) -> None:
-        import datasets
-
-        if features is None:
-            raise ValueError("the dataset's features are unknown; they are needed to find the image column")
-        self.image = _find_column(features, image_column, _IMAGE_COLUMNS, datasets.Image)
-        if self.image is None:
-            raise ValueError(f"no image column found among {list(features)}; pass image_column=")
-        # an array column (webdataset's `.npy`, a nested list in parquet) comes back as Python lists: its
-        # element type, from the features, keeps the stored precision (uint16 stays uint16, not int64)
-        self.array_dtype = _element_dtype(features[self.image])
-        self.label = _find_column(features, label_column, _LABEL_COLUMNS, datasets.ClassLabel)
-        label_feature = features[self.label] if self.label is not None else None
-        # webdataset's `{key}.json` becomes a struct column "json": its label field is the label
-        self.label_key: str | None = None
-        if self.label is None and label_column is None and isinstance(features.get("json"), dict):
-            self.label_key = next((n for n in _LABEL_COLUMNS if n in features["json"]), None)
-            if self.label_key is not None:
-                self.label, label_feature = "json", features["json"][self.label_key]
-        self.class_names = label_feature.names if isinstance(label_feature, datasets.ClassLabel) else None
-        self.label_index: dict[str, int] | None = None  # string labels -> class index
-        if label_feature is not None and not isinstance(label_feature, datasets.ClassLabel):
-            dtype = getattr(label_feature, "dtype", None)
-            if dtype in ("string", "large_string"):
-                self.label_index = {}  # filled from the data by the caller
-            elif not str(dtype).startswith(("int", "uint")):
-                raise ValueError(f"label column {self.label!r} has type {label_feature}, not a class index")
-
-    def image_of(self, example: dict) -> Any:
-        """The example's image as `decode_image` takes it: encoded bytes or a path, or an array."""
-        value = example[self.image]
-        if self.array_dtype is not None and value is not None:
-            return np.asarray(value, dtype=self.array_dtype)
-        return value
-
-    def set_string_classes(self, values: list[str]) -> None:
-        self.class_names = sorted(set(values))
-        self.label_index = {name: i for i, name in enumerate(self.class_names)}
-
-    def label_of(self, example: dict) -> int:
-        if self.label is None:
-            return -1
-        value = example[self.label]
-        if self.label_key is not None and value is not None:
-            value = value.get(self.label_key)
-        if value is None:
-            return -1  # an example without a label (a tar member missing): fine-tuning skips it
-        return self.label_index[value] if self.label_index is not None else int(value)
-
-    def prepare(self, dataset: Any) -> Any:
-        """Keep the two columns and leave images encoded, so that a broken one is skipped, not raised."""
-        import datasets
-
-        # and webdataset's example key, which names the example in warnings
-        keep = [c for c in (self.image, self.label, "__key__") if c is not None and c in dataset.features]
-        dataset = dataset.select_columns(keep)
-        if isinstance(dataset.features[self.image], datasets.Image):
-            dataset = dataset.cast_column(self.image, datasets.Image(decode=False))
-        return dataset
-
-
-def _image_name(base: str, example_image: Any) -> str:
-    path = example_image.get("path") if isinstance(example_image, dict) else None
+def _example_name(base: str, example: dict, image_column: str) -> str:
+    """`base` with the example's shard and key (webdataset's columns) or else its image's path, if known."""
+    if example.get("__url__") and example.get("__key__") is not None:
+        return f"{base} ({os.path.basename(example['__url__'])}:{example['__key__']})"
+    path = example[image_column].get("path") if isinstance(example[image_column], dict) else None
     return f"{base} ({path})" if path else base
 
 
 class _HuggingFaceImages(ImageSource):
-    def __init__(self, dataset: Any, columns: _HuggingFaceColumns, name: str, split: str) -> None:
+    def __init__(self, dataset: Any, columns: HuggingFaceColumns, name: str, split: str) -> None:
         self.dataset = columns.prepare(dataset)
         self.columns = columns
         self.name = name
@@ -300,7 +214,7 @@ class HuggingFaceSource(_HuggingFaceImages):
     """A map-style `datasets.Dataset`, optionally restricted to `rows` (a carved split)."""
 
     def __init__(
-        self, dataset: Any, columns: _HuggingFaceColumns, name: str, split: str, rows: np.ndarray | None
+        self, dataset: Any, columns: HuggingFaceColumns, name: str, split: str, rows: np.ndarray | None
     ) -> None:
         super().__init__(dataset, columns, name, split)
         self.rows = rows
@@ -318,7 +232,7 @@ class HuggingFaceSource(_HuggingFaceImages):
     def load(self, index: int, decode_size: int | None = None) -> Sample:
         row = int(self.rows[index]) if self.rows is not None else index
         example = self.dataset[row]
-        name = _image_name(f"{self.name}[{row}]", example[self.columns.image])
+        name = _example_name(f"{self.name}[{row}]", example, self.columns.image)
         return (
             decode_image(self.columns.image_of(example), name, decode_size),
             self.columns.label_of(example),
@@ -328,7 +242,7 @@ class HuggingFaceSource(_HuggingFaceImages):
 
 def _stream_source(
     dataset: Any,
-    columns: _HuggingFaceColumns,
+    columns: HuggingFaceColumns,
     name: str,
     split: str,
     carve: str | None,
@@ -419,7 +333,7 @@ def _open_shard_glob(
     builder = SHARD_FORMATS[Path(files[0]).suffix.lower()]
     dataset = datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=streaming)
     read, carve = _resolve_split(split, ["train"])
-    columns = _HuggingFaceColumns(dataset.features, image_column, label_column)
+    columns = HuggingFaceColumns(dataset.features, image_column, label_column)
     name = pattern
     if streaming:
         return _stream_source(dataset, columns, name, split, carve, val_fraction, seed, retry)
@@ -452,7 +366,7 @@ def _open_huggingface(
         splits = dict(datasets.load_dataset(path, streaming=streaming))
     read, carve = _resolve_split(split, list(splits))
     dataset = splits[read]
-    columns = _HuggingFaceColumns(dataset.features, image_column, label_column)
+    columns = HuggingFaceColumns(dataset.features, image_column, label_column)
     name = f"{Path(path).name or path}:{read}"
     if streaming:
         return _stream_source(dataset, columns, name, split, carve, val_fraction, seed, retry)
@@ -492,7 +406,7 @@ def _open_url(url: str, split: str, *, image_column, label_column, streaming, va
         f"{base} ({read} split)",
         retry,
     )
-    columns = _HuggingFaceColumns(dataset.features, image_column, label_column)
+    columns = HuggingFaceColumns(dataset.features, image_column, label_column)
     return _stream_source(dataset, columns, url, split, carve, val_fraction, seed, retry, index)
 
 
@@ -583,7 +497,8 @@ def _looks_local(path: str) -> bool:
 
 
 def open_split(cfg: Any, split: str) -> ImageSource:
-    """The run's `split` (its train or validation split) from a run config's `data` section.
+    """The run's `split` (its train or validation split) from a run config's `data` section, its class
+    names the data's own or the config's (`simmim.data.class_names`).
 
     With `data.holdout_from_train`, both come from the train split: `val_fraction` of it, carved with
     `data.holdout_seed`, is the validation split (for choosing settings without reading the real one)."""
@@ -601,6 +516,9 @@ def open_split(cfg: Any, split: str) -> ImageSource:
         synthetic_image_size=max(cfg.model.image_size, 32),
         retry=RetryPolicy(d.remote_retries, d.remote_backoff_s),
     )
+    if source.has_labels:
+        found, where = source.class_names, f"data.path={d.path!r}"
+        source.class_names = resolve_class_names(found, d.num_classes, d.class_names, where)
     if not holdout:
         return source
     return holdout_split(
