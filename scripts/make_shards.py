@@ -24,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+from PIL import Image
 from tqdm.auto import tqdm
 
 from simmim.cli import run_main
 from simmim.data import open_source
 from simmim.data.decoding import Pixels, decode_image
+from simmim.data.pixels import decoded_colours
 from simmim.data.sources import SHARD_INDEX, FolderSource
 
 
@@ -61,16 +63,30 @@ def encoded_image(source, index: int, copy: bool, tiff: bool) -> tuple[bytes, st
     if image is None:
         return None
     buffer = io.BytesIO()
+    if isinstance(image, Image.Image):
+        image = decoded_colours(image)  # a palette's or CMYK's colours, not its stored values
     if tiff:
-        values = (
-            image.values
-            if isinstance(image, Pixels)
-            else np.asarray(image.convert("RGB") if image.mode == "P" else image)
-        )
+        if isinstance(image, Pixels):
+            values, alpha = image.values, image.alpha
+        else:
+            values, alpha = np.asarray(image), image.mode in ("RGBA", "LA")
         values = values[:, :, 0] if values.ndim == 3 and values.shape[2] == 1 else values  # (H, W) grey
-        contig = "contig" if values.ndim == 3 else None
-        tifffile.imwrite(buffer, values, photometric="minisblack", planarconfig=contig)
+        channels = values.shape[2] if values.ndim == 3 else 1
+        rgb = channels - alpha == 3
+        # the samples past the photometric ones are extra samples; an alpha one is read back as
+        # transparency, not as one more band
+        extra = ["unspecified"] * (channels - (3 if rgb else 1) - alpha) + ["unassalpha"] * alpha
+        tifffile.imwrite(
+            buffer, values, photometric="rgb" if rgb else "minisblack",
+            planarconfig="contig" if channels > 1 else None, extrasamples=extra or None,
+        )  # fmt: skip
         return buffer.getvalue(), "tif"
+    if isinstance(image, Pixels):
+        name = source.load(index)[2]
+        raise ValueError(
+            f"{name}: {image.channels} channel(s) of {image.values.dtype}, which PNG cannot keep, in a split "
+            "whose first image was written as PNG: convert the split's images to one format (TIFF keeps any)"
+        )
     image.save(buffer, format="PNG")
     return buffer.getvalue(), "png"
 

@@ -151,14 +151,15 @@ class DataConfig:
     def resolve_normalize(self, num_channels: int) -> DataConfig:
         """data.normalize and, where known before the data is read, data.mean and data.std resolved for a
         model of `num_channels` channels (dataset statistics are filled in when the run starts)."""
-        mode = self.normalize or (
-            "explicit" if self.mean is not None else ("imagenet" if num_channels == 3 else "dataset")
-        )
+        default = "imagenet" if num_channels == 3 and self.stats is None else "dataset"
+        mode = self.normalize or ("explicit" if self.mean is not None else default)
+        _check(self.stats is None or mode == "dataset", "data.stats", self.stats,
+               f"be unset with data.normalize={mode}: a statistics file is read by data.normalize=dataset")  # fmt: skip
         if mode == "imagenet":
             _check(num_channels == 3, "data.normalize", mode, f"be dataset or explicit for "
                    f"model.num_channels={num_channels}: ImageNet's statistics are for RGB")  # fmt: skip
             imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-            _check(self.mean in (None, imagenet[0]), "data.mean", self.mean,
+            _check((self.mean, self.std) in ((None, None), imagenet), "data.mean", self.mean,
                    "be unset with data.normalize=imagenet (or use data.normalize=explicit)")  # fmt: skip
             return dataclasses.replace(self, normalize=mode, mean=imagenet[0], std=imagenet[1])
         if mode == "explicit":
@@ -475,6 +476,9 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", self.data.resolve_normalize(self.model.num_channels))
         d, m, p = self.data, self.model, self.model.patch_size
+        bands = d.display_bands
+        _check(bands is None or (len(bands) in (1, 3) and max(bands) < m.num_channels), "data.display_bands",
+               bands, f"be 1 or 3 channel indices in [0, {m.num_channels - 1}] (model.num_channels)")  # fmt: skip
         _check(d.label_fraction == 1.0, "data.label_fraction", d.label_fraction,
                "be 1.0: pretraining uses no labels")  # fmt: skip
         _check(m.head == "mim", "model.head", m.head, 'be "mim" for pretraining')
@@ -490,7 +494,7 @@ class PretrainConfig:
                "name a labelled map-style dataset for train.probe_every_steps with data.streaming=true: the "
                "probe draws seeded subsets, which a stream cannot")  # fmt: skip
         depth, layer = deit_config_kwargs(m)["num_hidden_layers"], self.probe.layer
-        # With model.init the depth is the checkpoint's, known when it is opened (the probe checks it then).
+        # With model.init the depth is the checkpoint's, known when it is opened (PretrainTask checks it then).
         _check(layer is None or layer <= depth or m.init != "scratch", "probe.layer", layer,
                f"be a block of the encoder (1..{depth})")  # fmt: skip
 

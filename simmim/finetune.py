@@ -168,13 +168,14 @@ class FinetuneTask(Task):
         d, head = cfg.data, cfg.model.head
         train_source, val_source = open_split(cfg, d.train_split), open_split(cfg, d.val_split)
         check_channels(train_source, cfg.model.num_channels, d.max_value, d.path)
+        self.id2label = dict(enumerate(named_classes(train_source, f"data.path={d.path!r}")))
+        for source in (train_source, val_source):
+            check_labels(source)  # a map-style source's labels, read up front (a stream's as they are read)
+        # the cheap checks above first, then the data's statistics (up to data.stats_samples decodes)
         kept = Path(cfg.output_dir) / DATASET_STATS
         cfg, normalised = with_dataset_statistics(cfg, train_source, kept, write=accelerator.is_main_process)
         accelerator.print(normalised)
         self.cfg, self.accelerator, d = cfg, accelerator, cfg.data
-        self.id2label = dict(enumerate(named_classes(train_source, f"data.path={d.path!r}")))
-        for source in (train_source, val_source):
-            check_labels(source)  # a map-style source's labels, read up front (a stream's as they are read)
         self.num_classes = num_classes = len(self.id2label)
         if d.label_fraction < 1.0:
             kept = balanced_subset(train_source.labels(), d.label_fraction, cfg.seed)

@@ -168,13 +168,17 @@ class PretrainTask(Task):
         # The data first: a wrong path or channel count is reported before the run directory is written.
         train_source, val_source = open_split(cfg, d.train_split), open_split(cfg, d.val_split)
         check_channels(train_source, cfg.model.num_channels, d.max_value, d.path)
+        # The model next (a model.init that cannot be continued is one line), then the data's statistics.
+        self.model, report = build_model(cfg)
+        if report is not None:
+            accelerator.print(report)
+        depth, layer = self.model.config.num_hidden_layers, cfg.probe.layer
+        if layer is not None and layer > depth:  # a model.init's depth is only known now
+            raise ValueError(f"probe.layer={layer}: must be a block of the encoder (1..{depth})")
         kept = Path(cfg.output_dir) / DATASET_STATS
         cfg, normalised = with_dataset_statistics(cfg, train_source, kept, write=accelerator.is_main_process)
         accelerator.print(normalised)
         self.cfg, self.accelerator, d = cfg, accelerator, cfg.data
-        self.model, report = build_model(cfg)
-        if report is not None:
-            accelerator.print(report)
         prepare_output_dir(cfg, accelerator, self.model)
         masks = mask_generator(cfg)
         self.train_set = MaskedImageDataset(

@@ -20,9 +20,14 @@ from helpers import ROOT
 from PIL import Image
 
 from simmim.config import PretrainConfig, load_config
-from simmim.data import decode_image, eval_transform, pretrain_transform
+from simmim.data import decode_image, eval_transform, finetune_transform, pretrain_transform
 from simmim.data.decoding import Pixels
-from simmim.data.normalization import DatasetStatistics, channel_statistics, check_channels
+from simmim.data.normalization import (
+    DatasetStatistics,
+    channel_statistics,
+    check_channels,
+    with_dataset_statistics,
+)
 from simmim.data.pixels import ChannelMismatch, NonFinitePixels, to_model_pixels
 from simmim.data.sources import open_source
 from simmim.evaluation.grids import display_bands, reconstruction_grid
@@ -230,9 +235,8 @@ def test_dataset_statistics_equal_numpy_over_the_whole_set(tmp_path, capsys, mon
         stats.mean, every.mean(0), rtol=1e-6
     )  # float32 pixels, as the model takes them
     np.testing.assert_allclose(stats.std, every.std(0), rtol=1e-6)
-    np.testing.assert_allclose(stats.min, every.min(0)) and np.testing.assert_allclose(
-        stats.max, every.max(0)
-    )
+    np.testing.assert_allclose(stats.min, every.min(0), rtol=1e-6)
+    np.testing.assert_allclose(stats.max, every.max(0), rtol=1e-6)
     assert (stats.images, stats.skipped, stats.pixels) == (5, 1, len(every))
     # the script prints and writes the same, and data.stats reads it back
     out = tmp_path / "stats.json"
@@ -305,3 +309,84 @@ def test_a_mixed_channel_dataset_skips_and_counts_the_odd_images(tmp_path, caplo
         sum(item is None for item in items) == 1
         and "has 3 channel(s) and model.num_channels=6" in caplog.text
     )
+
+
+def test_colour_spaces_and_alpha_in_any_bit_depth():
+    """A palette's colours (not its indices), YCbCr converted, 16-bit grey with alpha composited as 8-bit is."""
+    palette = Image.new("P", (2, 2), 1)
+    palette.putpalette([0, 0, 0, 200, 100, 50])
+    for max_value in (None, 255):  # max_value takes the array path: the colours must be the same
+        rgb = as_chw(to_model_pixels(palette, 3, max_value))
+        np.testing.assert_allclose(rgb[:, 0, 0], np.array([200, 100, 50]) / 255, rtol=1e-6)
+    with pytest.raises(ChannelMismatch):  # a palette holds colours: a grey model does not take its indices
+        to_model_pixels(palette, 1, 255)
+    ycbcr = Image.new("RGB", (2, 2), (10, 200, 30)).convert("YCbCr")
+    np.testing.assert_allclose(
+        as_chw(to_model_pixels(ycbcr, 3, 255))[:, 0, 0], np.array([10, 200, 30]) / 255, atol=0.02
+    )
+    la16 = np.zeros((2, 2, 2), np.uint16)
+    la16[..., 0], la16[..., 1] = 65535, 32768  # white at half opacity over white
+    pixels = to_model_pixels(Pixels(la16, alpha=True), 3, max_value=4095)  # alpha keeps its own 16-bit range
+    expected = 65535 / 4095 * (32768 / 65535) + (1 - 32768 / 65535)
+    assert pixels.shape == (3, 2, 2) and torch.allclose(pixels, torch.full((3, 2, 2), expected))
+
+
+def test_rand_augment_fills_float_images_in_their_scale():
+    transform = finetune_transform(32, random_erasing=0, mean=[0, 0, 0], std=[1, 1, 1], scale=(1.0, 1.0))
+    peak = 0.0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        peak = max(peak, transform(Pixels(u16(32, 32, 3))).max().item())
+    assert (
+        peak < 1.5
+    )  # bicubic overshoot at most, never the 8-bit fill colour (124) pasted into [0, 1] pixels
+
+
+def test_statistics_kept_by_a_run_are_reused_only_for_its_settings(tmp_path):
+    first = write_folder(tmp_path / "a", [u16(6, 6, 2) for _ in range(3)])
+    other = open_source(
+        str(write_folder(tmp_path / "b", [u16(6, 6, 2) for _ in range(3)])), "train", val_fraction=0.0
+    )
+    kept = tmp_path / "run" / "dataset_stats.json"
+
+    def cfg(seed: int = 0):
+        overrides = ["output_dir=x", "model.num_channels=2", f"data.path={first}", f"seed={seed}"]
+        return load_config(PretrainConfig, overrides=overrides)
+
+    computed, _ = with_dataset_statistics(
+        cfg(), open_source(str(first), "train", val_fraction=0.0), kept, write=True
+    )
+    resumed, line = with_dataset_statistics(cfg(), other, kept, write=True)  # a restart reads the kept file
+    assert resumed.data.mean == computed.data.mean and str(kept) in line
+    reseeded, _ = with_dataset_statistics(cfg(seed=1), other, kept, write=False)  # another run's settings
+    assert reseeded.data.mean != computed.data.mean
+    with pytest.raises(
+        ValueError, match=r"data.display_bands=\(6,\): must be 1 or 3 channel indices in \[0, 1\]"
+    ):
+        load_config(
+            PretrainConfig, overrides=["output_dir=x", "model.num_channels=2", "data.display_bands=[6]"]
+        )
+
+
+def test_make_shards_converts_colour_spaces_and_refuses_what_png_cannot_keep(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "mixed" / "a"
+    folder.mkdir(parents=True)
+    Image.new("CMYK", (8, 8), (0, 0, 0, 0)).save(folder / "0.jpg")  # white, stored as inks
+    Image.new("RGB", (8, 8), (5, 6, 7)).save(folder / "1.png")
+    out = tmp_path / "shards"
+
+    def make_shards(src) -> int:
+        monkeypatch.setattr("sys.argv", ["make_shards.py", str(src), str(out), "--val-fraction", "0"])
+        with pytest.raises(SystemExit) as exit_code:
+            runpy.run_path(str(ROOT / "scripts" / "make_shards.py"), run_name="__main__")
+        return exit_code.value.code
+
+    assert make_shards(folder.parent) == 0
+    assert open_source(str(out / "train-*.tar"), "train", val_fraction=0.0).load(0)[0].getpixel((0, 0)) == (
+        255,
+        255,
+        255,
+    )
+    (folder / "2.tif").write_bytes(tiff_bytes(u16(8, 8, 6), photometric="minisblack", planarconfig="contig"))
+    assert make_shards(folder.parent) == 2
+    assert "2.tif: 6 channel(s) of uint16, which PNG cannot keep" in capsys.readouterr().err

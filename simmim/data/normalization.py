@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ class DatasetStatistics:
     split: str = ""
     seed: int = 0
     samples: int | None = None  # None: every image of the split
+    max_value: float | None = None  # what integer pixels were divided by (None: their type's range)
 
     @property
     def num_channels(self) -> int:
@@ -97,7 +99,10 @@ def channel_statistics(
     if source.is_streaming:
         if samples is None:
             raise ValueError("a stream has no end to read to: give a number of samples")
-        items = (sample for _, sample in zip(range(samples), source))
+        # shuffled within each reader's buffer, shards dealt in a seeded order: not only the first shard's
+        # images, which a folder turned into shards holds one class at a time
+        raw = source.stream(shuffle=True, seed=seed)
+        items = (source.decode(example) for _, example in zip(range(samples), raw))
         total = samples
     else:
         count = len(source)
@@ -144,7 +149,7 @@ def channel_statistics(
         )
     return DatasetStatistics(
         tuple(mean.tolist()), tuple(std.tolist()), tuple(low.tolist()), tuple(high.tolist()),
-        images, skipped, n, data, source.split, seed, samples,
+        images, skipped, n, data, source.split, seed, samples, max_value,
     )  # fmt: skip
 
 
@@ -180,18 +185,28 @@ def with_dataset_statistics(cfg: Any, source: ImageSource, kept: Path, *, write:
             f"pixels normalised with {whose} (data.normalize={d.normalize}): "
             f"mean {_rounded(d.mean)}, std {_rounded(d.std)}"
         )
+    # what the statistics must have been computed with to be this run's
+    wanted = {"data": d.path, "seed": cfg.seed, "samples": d.stats_samples, "max_value": d.max_value}
     if d.stats is not None:
         stats, origin = DatasetStatistics.read(d.stats), d.stats
-    elif kept.is_file():
-        stats, origin = DatasetStatistics.read(kept), str(kept)
+        if stats.max_value != d.max_value:
+            raise ValueError(
+                f"data.stats={d.stats!r} was computed with max_value={stats.max_value} and this run has "
+                f"data.max_value={d.max_value}: its statistics are of other pixel values"
+            )
+    elif kept.is_file() and {k: getattr(DatasetStatistics.read(kept), k) for k in wanted} == wanted:
+        stats, origin = DatasetStatistics.read(kept), str(kept)  # this run's, from an earlier start
     else:
         stats = channel_statistics(
-            source, channels, max_value=d.max_value, samples=d.stats_samples, seed=cfg.seed, data=d.path
-        )
+            source, channels, max_value=d.max_value, samples=d.stats_samples, seed=cfg.seed, data=d.path,
+            progress=write,
+        )  # fmt: skip
         origin = f"{stats.images} images of {d.path} (seed {cfg.seed})"
-        if write:
+        if write:  # atomically: another process may read it as it starts
             kept.parent.mkdir(parents=True, exist_ok=True)
-            kept.write_text(stats.to_json())
+            partial = kept.with_suffix(".tmp")
+            partial.write_text(stats.to_json())
+            os.replace(partial, kept)
     if stats.num_channels != channels:
         raise ValueError(
             f"data.stats={origin!r} has {stats.num_channels} channels and model.num_channels={channels}"

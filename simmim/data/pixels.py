@@ -24,6 +24,8 @@ from simmim.data.decoding import Pixels
 _PIL_AS_IS = {1: ("L",), 3: ("RGB",), 4: ("RGBA",), 2: ("LA",)}
 _PIL_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
 _PIL_WIDE = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # 16/32-bit integer and float grey
+# colour spaces whose stored values are not the colours: PIL converts them (a palette's indices, CMYK, ...)
+_PIL_COLOUR_SPACES = ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La", "1")
 
 
 class ChannelMismatch(ValueError):
@@ -32,13 +34,6 @@ class ChannelMismatch(ValueError):
 
 class NonFinitePixels(ValueError):
     """A float image with NaN or infinite values."""
-
-
-def channels_of(image: Image.Image | Pixels) -> int:
-    """How many channels a decoded image has (a PIL palette image counts as 3)."""
-    if isinstance(image, Pixels):
-        return image.channels
-    return 3 if image.mode in ("P", "CMYK", "YCbCr", "LAB", "HSV", "RGBX") else len(image.getbands())
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -60,6 +55,19 @@ def _pil_pixels(image: Image.Image) -> Pixels:
     if values.ndim == 2:
         values = values[:, :, None]
     return Pixels(values, alpha=image.mode in _PIL_ALPHA)
+
+
+def decoded_colours(image: Image.Image) -> Image.Image:
+    """A PIL image in a mode whose values are its colours: palette, CMYK, YCbCr, ... converted (to RGBA
+    where they carry transparency, L for bilevel), so that no later step reads indices or inks as pixels."""
+    if image.mode not in _PIL_COLOUR_SPACES:
+        return image
+    if image.mode == "1":
+        return image.convert("L")
+    transparent = image.mode in ("PA", "RGBa", "La") or "transparency" in image.info
+    if image.mode == "La":
+        return image.convert("LA")
+    return image.convert("RGBA" if transparent else "RGB")
 
 
 def _scaled(values: np.ndarray, max_value: float | None, name: str) -> np.ndarray:
@@ -90,30 +98,30 @@ def to_model_pixels(
                 return _to_rgb(image)
             if num_channels == 1 and image.mode == "1":
                 return image.convert("L")
-        image = _pil_pixels(image)
+        image = _pil_pixels(decoded_colours(image))
     elif image.values.dtype == np.uint8 and max_value is None and not image.alpha:
         # 8-bit grey or RGB from a TIFF or an array: PIL's fast path, as for a JPEG or PNG
         if image.channels == 1 and num_channels in (1, 3):
             return to_model_pixels(Image.fromarray(image.values[:, :, 0], "L"), num_channels, None, name)
         if image.channels == 3 == num_channels:
             return Image.fromarray(np.ascontiguousarray(image.values), "RGB")
-    values = image.values
-    channels = image.channels
-    if image.alpha and num_channels == channels - 1:
-        # composite onto white, as 8-bit images are: colour * alpha + (1 - alpha)
-        alpha = _scaled(values[:, :, -1:], max_value, name)
+    values, channels = image.values, image.channels
+    if image.alpha and num_channels != channels:  # a model of as many channels takes alpha as a band
+        # composite onto white, as 8-bit images are: colour * alpha + (1 - alpha); alpha in its type's
+        # range (data.max_value scales a sensor's values, not transparency)
+        alpha = _scaled(values[:, :, -1:], None, name)
         pixels = _scaled(values[:, :, :-1], max_value, name) * alpha + (1.0 - alpha)
     else:
         pixels = _scaled(values, max_value, name)
-        if channels == 1 and num_channels == 3:
-            pixels = np.repeat(pixels, 3, axis=2)  # grey as grey RGB
-        elif channels != num_channels:
-            raise ChannelMismatch(
-                f"{name} has {channels} channel(s) and model.num_channels={num_channels}: set "
-                f"model.num_channels={channels} if all images have {channels}, or convert the odd ones"
-            )
-    # (H, W, C) -> (C, H, W); tv_tensors.Image so that every v2 transform treats it as the image
-    return tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))))
+    if pixels.shape[2] == 1 and num_channels == 3:
+        pixels = np.repeat(pixels, 3, axis=2)  # grey as grey RGB
+    if pixels.shape[2] != num_channels:
+        raise ChannelMismatch(
+            f"{name} has {channels} channel(s) and model.num_channels={num_channels}: set "
+            f"model.num_channels={channels} if all images have {channels}, or convert the odd ones"
+        )
+    # (H, W, C) -> (C, H, W), a writable copy; tv_tensors.Image so that every v2 transform takes it as the image
+    return tv_tensors.Image(torch.from_numpy(np.array(pixels.transpose(2, 0, 1), order="C")))
 
 
 class ModelPixels:

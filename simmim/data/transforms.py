@@ -132,12 +132,19 @@ class NoisyRandAugment(v2.RandAugment):
             fill=list(fill),
         )
         self.num_layers = num_ops
+        # the fill in the scale of what comes in: uint8 images take timm's 8-bit colour, float ones (16-bit
+        # and float RGB, in [0, 1]) the same colour / 255
+        self._uint8_fill = self._fill
+        self._float_fill = v2.RandAugment(fill=[f / 255 for f in fill])._fill
         self.mean_magnitude = magnitude
         self.magnitude_std = magnitude_std
         self.magnitude_max = magnitude_max
 
     def forward(self, *inputs: Any) -> Any:
         outputs = inputs if len(inputs) > 1 else inputs[0]
+        image = inputs[0]
+        floats = isinstance(image, torch.Tensor) and image.is_floating_point()
+        self._fill = self._float_fill if floats else self._uint8_fill
         for _ in range(self.num_layers):
             magnitude = self.mean_magnitude + self.magnitude_std * torch.randn(()).item()
             magnitude = min(max(magnitude, 0.0), self.magnitude_max)

@@ -36,7 +36,9 @@ def display_bands(num_channels: int, bands: Sequence[int] | None = None) -> list
     return bands * 3 if len(bands) == 1 else bands
 
 
-def to_display(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], bands: Sequence[int] | None = None):
+def to_display(
+    x: torch.Tensor, mean: Sequence[float], std: Sequence[float], bands: Sequence[int] | None = None
+) -> torch.Tensor:
     """(B, C, H, W) normalised -> (B, 3, H, W) in [0, 1]: the chosen bands, denormalised."""
     return denormalize(x, mean, std)[:, display_bands(x.shape[1], bands)]
 

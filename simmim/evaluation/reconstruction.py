@@ -85,7 +85,7 @@ def evaluate_reconstruction(
     bf16: bool = False,
     num_workers: int = 0,
     norm_target_window: int | None = None,
-    display_bands: Sequence[int] | None = None,
+    bands: Sequence[int] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], torch.Tensor | None]:
     """Returns (summary metrics with baselines, one row per image, grid or None). The grid shows
     `num_grid_images` images drawn with `seed` from the whole split (`grid_indices`), in split order.
@@ -169,7 +169,7 @@ def evaluate_reconstruction(
     grid = None
     if grid_parts and num_grid_images > 0:
         x, recon, m = (torch.stack(t) for t in list(zip(*grid_parts))[1:])
-        grid = reconstruction_grid(x, recon, m, patch_size=p, mean=mean, std=std, bands=display_bands)
+        grid = reconstruction_grid(x, recon, m, patch_size=p, mean=mean, std=std, bands=bands)
     return summary, rows, grid
 
 
@@ -255,7 +255,7 @@ def evaluate_checkpoint(args: Any) -> dict[str, Any]:
         bf16=args.bf16,
         num_workers=args.num_workers,
         norm_target_window=run.loss.norm_target_window if run and run.loss.norm_target else None,
-        display_bands=bands,
+        bands=bands,
     )
     summary.update(
         checkpoint=str(args.checkpoint),

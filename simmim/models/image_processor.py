@@ -93,7 +93,8 @@ class DeiTImageProcessor:
         resample: PIL resampling code (3 = bicubic).
         do_center_crop: crop the center `crop_size` (default 224x224).
         crop_size: {"height", "width"} of the crop.
-        rescale_factor: multiply integer values by this (1/255 for 8 bits; 1/65535 for 16-bit arrays).
+        rescale_factor: multiply integer values by this: 1/255 (8 bits), or 1/data.max_value in the export of
+            a run that set it.
         do_rescale: apply `rescale_factor` (switch off for inputs already in [0, 1]).
         do_normalize: subtract `image_mean` and divide by `image_std` per channel.
         image_mean, image_std: normalisation, one value per channel (Transformers' default 0.5, 0.5 for
