@@ -93,7 +93,7 @@ def channel_statistics(
     data: str = "",
 ) -> DatasetStatistics:
     """Per-channel mean, std, min and max over `samples` images drawn with `seed` (all of them when None
-    or at least the source's size; a stream's first `samples`). Images that cannot be read, or have
+    or at least the source's size; a stream's first `samples` in a seeded shuffle). Images that cannot be read, or have
     another channel count, are skipped and counted. Means and variances are merged image by image
     (Chan et al.'s pairwise update), which stays exact in float64 over millions of pixels."""
     if source.is_streaming:
@@ -187,6 +187,7 @@ def with_dataset_statistics(cfg: Any, source: ImageSource, kept: Path, *, write:
         )
     # what the statistics must have been computed with to be this run's
     wanted = {"data": d.path, "seed": cfg.seed, "samples": d.stats_samples, "max_value": d.max_value}
+    earlier = DatasetStatistics.read(kept) if d.stats is None and kept.is_file() else None
     if d.stats is not None:
         stats, origin = DatasetStatistics.read(d.stats), d.stats
         if stats.max_value != d.max_value:
@@ -194,8 +195,8 @@ def with_dataset_statistics(cfg: Any, source: ImageSource, kept: Path, *, write:
                 f"data.stats={d.stats!r} was computed with max_value={stats.max_value} and this run has "
                 f"data.max_value={d.max_value}: its statistics are of other pixel values"
             )
-    elif kept.is_file() and {k: getattr(DatasetStatistics.read(kept), k) for k in wanted} == wanted:
-        stats, origin = DatasetStatistics.read(kept), str(kept)  # this run's, from an earlier start
+    elif earlier is not None and {k: getattr(earlier, k) for k in wanted} == wanted:
+        stats, origin = earlier, str(kept)  # this run's, from an earlier start
     else:
         stats = channel_statistics(
             source, channels, max_value=d.max_value, samples=d.stats_samples, seed=cfg.seed, data=d.path,
