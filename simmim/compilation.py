@@ -54,6 +54,13 @@ def choose_compile(
 
 def keep_cache_with_run(output_dir: str | Path) -> Path:
     """Point inductor's cache (compiled kernels, FX graphs) at `output_dir/compile_cache` unless the user
-    chose one, so that a resumed run finds the kernels its first attempt compiled. Returns the directory."""
-    os.environ.setdefault(CACHE_ENV, str(Path(output_dir).resolve() / COMPILE_CACHE_DIR))
+    chose one, so that a resumed run finds the kernels its first attempt compiled. Returns the directory.
+
+    Importing torch's inductor (which `import torch` and accelerate do) already sets the variable to its
+    default, a folder of the machine's /tmp; a value equal to that default is taken as nobody's choice."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get(CACHE_ENV)
+    if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+        os.environ[CACHE_ENV] = str(Path(output_dir).resolve() / COMPILE_CACHE_DIR)
     return Path(os.environ[CACHE_ENV])

@@ -232,8 +232,13 @@ def test_compile_auto_rule(setting, precision, device, steps, expected, reason, 
 def test_compile_keeps_inductor_cache_with_the_run(tmp_path, monkeypatch):
     from simmim.compilation import CACHE_ENV, keep_cache_with_run
 
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     monkeypatch.delenv(CACHE_ENV, raising=False)
     assert keep_cache_with_run(tmp_path) == tmp_path.resolve() / "compile_cache"
+    # inductor's import sets its /tmp default: that is nobody's choice, and the run's folder replaces it
+    monkeypatch.setenv(CACHE_ENV, default_cache_dir())
+    assert keep_cache_with_run(tmp_path / "b") == (tmp_path / "b").resolve() / "compile_cache"
     monkeypatch.setenv(CACHE_ENV, "/elsewhere")  # the user's own choice wins
     assert str(keep_cache_with_run(tmp_path)) == "/elsewhere"
 
@@ -495,3 +500,20 @@ def test_without_rollback_a_non_finite_loss_stops_the_run(tmp_path):
     t.poison = (5, "nan")
     with pytest.raises(NonFiniteLossError, match="the loss became non-finite at step"):
         train(t, cfg)
+
+
+def test_compiled_kernels_land_in_the_run_folder(tmp_path, monkeypatch):
+    """After `import torch` has set inductor's /tmp default, what compiles next is written under the run's
+    folder: a resume on another machine, or after /tmp was cleared, finds it there."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from simmim.compilation import CACHE_ENV, keep_cache_with_run
+
+    monkeypatch.setenv(CACHE_ENV, default_cache_dir())
+    cache = keep_cache_with_run(tmp_path)
+    assert cache == tmp_path.resolve() / "compile_cache"
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: (x * 3.25).tanh() - x)
+    x = torch.randn(16)
+    assert torch.allclose(compiled(x), (x * 3.25).tanh() - x, atol=1e-6)
+    assert any(path.is_file() for path in cache.rglob("*")), "inductor wrote nothing under the run's folder"
