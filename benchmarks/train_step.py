@@ -4,10 +4,14 @@ then the CPU study's own model (6 blocks 192 wide, 64 px, patch 8, batch 64) in 
 compiled. For each, the step's matmul work (torch's FLOP counter: matmuls, attention and convolutions)
 per second of the whole step, against this CPU's matmul ceiling (the step's largest matmul shape on its
 own, in the step's precision); the CPU's model name and its AVX-512, bf16 and AMX flags are printed first.
+Every step uses the fused AdamW update (simmim's engine and Transformers' Trainer both do); the study
+model's section also times that update alone against torch's for-each one.
 
     python benchmarks/train_step.py                       # cuda if available, else cpu
     python benchmarks/train_step.py --device cpu --threads 2 --steps 20 --warmup 2
     python benchmarks/train_step.py --device cpu --threads 2 --steps 10 --study-model --compile
+    python benchmarks/train_step.py --device cpu --threads 2 --steps 6 --study-model --compile --max-autotune \
+        --skip-peer                                        # also inductor's max-autotune mode (slow to compile)
 
 Both models start from the same weights (ours written with save_pretrained, read by Transformers) and see
 the same images and the same mask (60% of the 14x14 patches of each image). Each round runs every variant
@@ -194,6 +198,11 @@ def main() -> None:
     )
     parser.add_argument("--study-batch-size", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="with --study-model: compiled rows as well")
+    parser.add_argument(
+        "--max-autotune",
+        action="store_true",
+        help="with --study-model --compile: rows compiled with mode=max-autotune too (inductor's GEMM templates)",
+    )
     parser.add_argument("--skip-peer", action="store_true", help="only the study model (no Transformers)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
@@ -304,13 +313,17 @@ def time_study_model(args: argparse.Namespace) -> None:
         print(
             "\nno bf16 rows for the study's model: this CPU has neither avx512_bf16 nor AMX (bf16 is emulated)"
         )
-    for compiled in (False, True) if args.compile else (False,):
+    modes = [None]  # eager
+    if args.compile:
+        modes += ["default", "max-autotune"] if args.max_autotune else ["default"]
+    for mode in modes:
+        compiled = mode is not None
         for label, dtype in precisions:
             torch.manual_seed(0)
             model = DeiTForMaskedImageModeling(config).to(args.device).train()
             if compiled:
-                model.compile()
-            name = f"{label}{' compiled' if compiled else ''}"
+                model.compile(mode=mode)
+            name = label + {None: "", "default": " compiled", "max-autotune": " max-autotune"}[mode]
             steps_of[name] = make_step(model, x, mask, dtype, args.device)
             if compiled:  # the first step compiles: timed on its own
                 compile_seconds[name] = steps_of[name]()
