@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import simmim
 from simmim.precision import bf16_hardware
 from simmim.rundir import COMPILE_CACHE_DIR
 
@@ -54,13 +55,8 @@ def choose_compile(
 
 def keep_cache_with_run(output_dir: str | Path) -> Path:
     """Point inductor's cache (compiled kernels, FX graphs) at `output_dir/compile_cache` unless the user
-    chose one, so that a resumed run finds the kernels its first attempt compiled. Returns the directory.
-
-    Importing torch's inductor (which `import torch` and accelerate do) already sets the variable to its
-    default, a folder of the machine's /tmp; a value equal to that default is taken as nobody's choice."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    chosen = os.environ.get(CACHE_ENV)
-    if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+    chose one, so that a resumed run finds the kernels its first attempt compiled, on this machine or on
+    another that the run folder moved to. Returns the directory."""
+    if simmim.INDUCTOR_CACHE_CHOSEN is None:
         os.environ[CACHE_ENV] = str(Path(output_dir).resolve() / COMPILE_CACHE_DIR)
     return Path(os.environ[CACHE_ENV])

@@ -3,6 +3,8 @@ the loss meter's window and non-finite stop, and the weight-0 rule for unreadabl
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -230,16 +232,19 @@ def test_compile_auto_rule(setting, precision, device, steps, expected, reason, 
 
 
 def test_compile_keeps_inductor_cache_with_the_run(tmp_path, monkeypatch):
+    import simmim
     from simmim.compilation import CACHE_ENV, keep_cache_with_run
 
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
+    monkeypatch.setattr(simmim, "INDUCTOR_CACHE_CHOSEN", None)
     monkeypatch.delenv(CACHE_ENV, raising=False)
     assert keep_cache_with_run(tmp_path) == tmp_path.resolve() / "compile_cache"
-    # inductor's import sets its /tmp default: that is nobody's choice, and the run's folder replaces it
-    monkeypatch.setenv(CACHE_ENV, default_cache_dir())
+    # Importing torchvision sets inductor's /tmp default, and a run sets its own folder: neither is the
+    # user's choice, so the next run's folder replaces them.
+    monkeypatch.setenv(CACHE_ENV, "/tmp/torchinductor_someone")
     assert keep_cache_with_run(tmp_path / "b") == (tmp_path / "b").resolve() / "compile_cache"
-    monkeypatch.setenv(CACHE_ENV, "/elsewhere")  # the user's own choice wins
+    assert keep_cache_with_run(tmp_path / "c") == (tmp_path / "c").resolve() / "compile_cache"
+    monkeypatch.setattr(simmim, "INDUCTOR_CACHE_CHOSEN", "/elsewhere")  # the user's own choice wins
+    monkeypatch.setenv(CACHE_ENV, "/elsewhere")
     assert str(keep_cache_with_run(tmp_path)) == "/elsewhere"
 
 
@@ -503,15 +508,16 @@ def test_without_rollback_a_non_finite_loss_stops_the_run(tmp_path):
 
 
 def test_compiled_kernels_land_in_the_run_folder(tmp_path, monkeypatch):
-    """After `import torch` has set inductor's /tmp default, what compiles next is written under the run's
-    folder: a resume on another machine, or after /tmp was cleared, finds it there."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
+    """What compiles after keep_cache_with_run, with torch and torchvision imported (inductor's /tmp default
+    set), is written under the run's folder: a resume on another machine, or after /tmp was cleared, finds
+    it there."""
+    import simmim
     from simmim.compilation import CACHE_ENV, keep_cache_with_run
 
-    monkeypatch.setenv(CACHE_ENV, default_cache_dir())
-    cache = keep_cache_with_run(tmp_path)
-    assert cache == tmp_path.resolve() / "compile_cache"
+    monkeypatch.setattr(simmim, "INDUCTOR_CACHE_CHOSEN", None)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "inductor_default"))  # as torchvision's import leaves it
+    cache = keep_cache_with_run(tmp_path / "run")
+    assert cache == (tmp_path / "run").resolve() / "compile_cache"
     torch._dynamo.reset()
     compiled = torch.compile(lambda x: (x * 3.25).tanh() - x)
     x = torch.randn(16)
