@@ -79,7 +79,7 @@ def test_the_study_model_step_reports_its_matmul_share_of_the_ceiling():
     per_image = float(result.stdout.split("GFLOP per image")[0].split()[-1])
     assert 3 * 6 * 65 * 884_736 / 1e9 < per_image < 1.1, result.stdout
     assert "fp32: matmul work" in result.stdout and "ceiling" in result.stdout
-    assert "AdamW update of the study model (2.76 M parameters): for-each" in result.stdout
+    assert "AdamW update of the study model (2.76 M parameters): torch's default" in result.stdout
 
 
 def test_the_norm_target_benchmark_agrees_with_simmims_formula():
