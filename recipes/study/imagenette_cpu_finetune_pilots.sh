@@ -13,6 +13,8 @@
 #            taken of the 90%. Nothing reads the validation split. Run again to resume.
 # Output:    runs/finetune_pilots/NAME (metrics.json: the held-out top-1 per evaluation)
 # Hardware:  2-core CPU, train.precision=auto; 2-6 minutes per run on a quiet machine.
+# Expected:  the SimMIM init above scratch in every pilot; the decision rules and the choices made:
+#            docs/results.md ("Fine-tuning pilots").
 set -euo pipefail
 name=$1 init=$2 fraction=$3; shift 3
 out=${PILOT_ROOT:-runs/finetune_pilots}/$name
