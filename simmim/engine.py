@@ -159,7 +159,7 @@ class TrainState:
                 model.to(acc.device), acc.device, acc.num_processes, cfg.train.fsdp_reshard_after_forward
             )
         groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
-        # Fused: one kernel for the whole update, as Transformers' Trainer by default. On a CPU it is about 3x
+        # Fused: one kernel for the whole update, as Transformers' Trainer by default. On a CPU it is about 4x
         # faster than torch's default there, a loop over the tensors (benchmarks/train_step.py
         # --study-model, its AdamW line); the sharded parameters of FSDP2 keep torch's default. A resumed
         # run keeps the update its checkpoint was saved with (the optimizer's state carries the choice).
