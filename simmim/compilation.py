@@ -6,8 +6,8 @@ repay the compile (docs/performance.md):
   with avx512_bf16), where non-matmul operators, which inductor fuses, were about 40% of the step; the cold
   compile took 58 s. At the study model's bf16 step (about 0.4 s) a 15% saving repays 58 s after about
   1,000 steps, hence COMPILE_MIN_STEPS. That model was later measured to gain less, 1.03-1.08x (max-autotune
-  level with the default mode, 1.07x): still worth a minute in a run of thousands of steps. (AMX was not measured: its faster matmuls leave the fused operators a
-  larger share, so it follows the same rule.)
+  level with the default mode, 1.07x): still worth a minute in a run of thousands of steps. (AMX was not
+  measured: its faster matmuls leave the fused operators a larger share, so it follows the same rule.)
 - not in fp32 on a CPU: 0.97x (default mode) and 1.00x (max-autotune) on an AVX2-only AMD EPYC, for a compile
   of about two minutes.
 - not on CUDA yet: benchmarks/gpu.sh measures it and has not run on a GPU; train.compile=true compiles there.
