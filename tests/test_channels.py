@@ -31,6 +31,7 @@ from simmim.data.normalization import (
 from simmim.data.pixels import ChannelMismatch, NonFinitePixels, to_model_pixels
 from simmim.data.sources import open_source
 from simmim.evaluation.grids import display_bands, reconstruction_grid
+from simmim.models.image_processor import eval_image_processor
 
 RNG = np.random.default_rng(0)
 
@@ -329,6 +330,35 @@ def test_colour_spaces_and_alpha_in_any_bit_depth():
     pixels = to_model_pixels(Pixels(la16, alpha=True), 3, max_value=4095)  # alpha keeps its own 16-bit range
     expected = 65535 / 4095 * (32768 / 65535) + (1 - 32768 / 65535)
     assert pixels.shape == (3, 2, 2) and torch.allclose(pixels, torch.full((3, 2, 2), expected))
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_alpha_taken_as_a_band_keeps_the_other_bands_through_every_resize(mode):
+    """A 4-band (2-band) model reads RGBA (LA) as data: resizing must not multiply the other bands by the
+    last, as PIL's resize does. One colour everywhere under a random last band: the colour stays exact."""
+    bands = len(mode)
+    values = np.empty((6, 10, bands), np.uint8)
+    values[..., :-1] = np.array([200, 100, 50][: bands - 1], np.uint8)
+    values[..., -1] = RNG.integers(0, 4, (6, 10), dtype=np.uint8)  # near-transparent, zeros included
+    image = Image.fromarray(values, mode)
+    mean, std = [0.0] * bands, [1.0] * bands
+    colour = torch.tensor([200, 100, 50][: bands - 1], dtype=torch.float32)[:, None, None] / 255
+    outputs = [
+        transform(image)
+        for transform in (
+            pretrain_transform(16, mean=mean, std=std, num_channels=bands),
+            eval_transform(16, mean=mean, std=std, num_channels=bands),
+            finetune_transform(16, rand_augment=False, random_erasing=0, mean=mean, std=std, num_channels=bands),
+        )
+    ]
+    processor = eval_image_processor(16, mean, std)
+    outputs.append(processor(image)["pixel_values"][0])
+    for out in outputs:
+        assert out.shape == (bands, 16, 16)
+        torch.testing.assert_close(out[:-1], colour.expand(bands - 1, 16, 16), atol=1e-6, rtol=0)
+        assert out[-1].max() <= 3 / 255 + 1e-6  # the last band is resized as the others, not composited
+    # the evaluation transform and the image processor still give the same pixels
+    torch.testing.assert_close(outputs[1], outputs[3], atol=1e-6, rtol=0)
 
 
 def test_rand_augment_fills_float_images_in_their_scale():

@@ -1,10 +1,11 @@
 """What the model takes from a decoded image: `num_channels` channels, values scaled to [0, 1] (floats as they
 are), nothing passed through 8 bits on the way.
 
-An 8-bit image whose channels already match stays a PIL image (RGB for 3 channels, L for 1, RGBA for 4), so
-that the common path keeps its speed: the transforms resize it as uint8 and scale it by 1/255 once. Every
-other image becomes a float32 tensor (C, H, W): integers divided by their type's largest value (65535 for
-16 bits), or by `max_value` when a sensor stores fewer bits (4095 for 12 bits in 16).
+An 8-bit image whose channels already match stays a PIL image (RGB for 3 channels, L for 1), so that the
+common path keeps its speed: the transforms resize it as uint8 and scale it by 1/255 once. 8-bit RGBA for 4
+channels and LA for 2 become uint8 tensors, resized as such: PIL would premultiply the bands by the fourth.
+Every other image becomes a float32 tensor (C, H, W): integers divided by their type's largest value (65535
+for 16 bits), or by `max_value` when a sensor stores fewer bits (4095 for 12 bits in 16).
 
 Channel rules, the same for every reader: a 3-channel model takes grey images as grey RGB and composites
 transparent ones onto white (torchvision's and timm's convention for ImageNet's grey and RGBA files); any
@@ -93,6 +94,10 @@ def to_model_pixels(
         integer_8bit = image.mode not in _PIL_WIDE
         if integer_8bit and max_value is None:
             if image.mode in _PIL_AS_IS.get(num_channels, ()):
+                if image.mode in _PIL_ALPHA:
+                    # the model takes alpha as a band: a tensor, since PIL multiplies the colour bands by
+                    # alpha when it resizes (and divides after), which wipes them where the band is low
+                    return tv_tensors.Image(torch.from_numpy(np.array(image).transpose(2, 0, 1).copy()))
                 return image
             if num_channels == 3:
                 return _to_rgb(image)

@@ -160,9 +160,16 @@ class DeiTImageProcessor:
         if isinstance(image, PIL.Image.Image):
             if channels == 3 and image.mode not in ("RGB", "L"):
                 image = image.convert("RGB")
-            if self.do_resize:  # PIL's own resize, as Transformers does, for identical pixels
-                image = TF.resize(image, self._resize_to(), _RESAMPLE[self.resample])
-            x = TF.pil_to_tensor(image)  # (C, H, W) uint8
+            if image.mode in ("RGBA", "LA"):
+                # a model of as many channels takes alpha as a band: resized as a tensor, since PIL
+                # premultiplies the other bands by alpha when it resizes, which wipes them where it is low
+                x = TF.pil_to_tensor(image)
+                if self.do_resize:
+                    x = TF.resize(x, self._resize_to(), _RESAMPLE[self.resample], antialias=True)
+            else:
+                if self.do_resize:  # PIL's own resize, as Transformers does, for identical pixels
+                    image = TF.resize(image, self._resize_to(), _RESAMPLE[self.resample])
+                x = TF.pil_to_tensor(image)  # (C, H, W) uint8
         else:
             x = torch.as_tensor(np.asarray(image)) if isinstance(image, np.ndarray) else image
             if x.ndim == 2:
