@@ -222,6 +222,24 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+ABSENT = object()  # a key one of two configs lacks (written by another version of simmim)
+
+
+def config_changes(directory: Path, cfg: Any) -> dict[str, tuple[Any, Any]]:
+    """The settings in which `cfg` differs from the config a run in `directory` was started with: flattened
+    key -> (saved value, this value); a key one side lacks has `ABSENT` there. Empty without a saved one."""
+    path = Path(directory) / RUN_CONFIG
+    if not path.is_file():
+        return {}
+    previous = _flatten(read_yaml(path.read_text(), str(path)) or {})
+    current = _flatten(config_to_dict(cfg))
+    return {
+        k: (previous.get(k, ABSENT), current.get(k, ABSENT))
+        for k in sorted(previous.keys() | current.keys())
+        if previous.get(k, ABSENT) != current.get(k, ABSENT)
+    }
+
+
 def prepare_output_dir(
     cfg: Any, accelerator: Accelerator, model: nn.Module, id2label: dict[int, str] | None = None
 ) -> None:
@@ -240,10 +258,8 @@ def prepare_output_dir(
                 "recipes/accelerate/fsdp.yaml, or train.fsdp=true)"
             )
     if accelerator.is_main_process:
-        if path.is_file() and latest is not None:
-            previous = _flatten(read_yaml(path.read_text(), str(path)) or {})
-            current = _flatten(config_to_dict(cfg))
-            changed = sorted(k for k in previous.keys() | current.keys() if previous.get(k) != current.get(k))
+        if latest is not None:
+            changed = config_changes(out, cfg)
             if changed:
                 print(f"warning: resuming {out} with a changed config: {', '.join(changed)}")
         out.mkdir(parents=True, exist_ok=True)

@@ -184,8 +184,12 @@ def test_report_numbers_are_the_runs_own(study):
     )  # one seed: no spread
     gap = r["comparisons"][0]
     assert gap["gap"] == pytest.approx(sum(simmim) / 2 - sum(scratch) / 2)
-    assert gap["paired_gaps"] == pytest.approx([simmim[0] - scratch[0], simmim[1] - scratch[1]])
+    paired = [simmim[0] - scratch[0], simmim[1] - scratch[1]]
+    assert gap["paired_gaps"] == pytest.approx(paired)
+    # the spread the goal is judged against is that of the per-seed gaps (the seeds pair the runs)
+    assert gap["spread"] == pytest.approx(abs(paired[0] - paired[1]) / 2**0.5)
     assert gap["met"] == (gap["gap"] >= 5.0 and gap["gap"] > gap["spread"])
+    assert half["precision"] == ["fp32", "fp32"] and not gap["precisions_differ"]  # the recipes say fp32
     assert r["comparisons"][1]["met"] is None  # no goal set
     assert r["teacher"]["top1"] == final_top1("teacher")
     recon = json.loads((out / "reconstruction" / "metrics.json").read_text())
@@ -208,6 +212,12 @@ def test_report_numbers_are_the_runs_own(study):
     assert "| simmim_distill | simmim | distill |" in table  # label defaults to the name
     assert f"{gap['gap']:+.2f}" in table and "| **total** |" in table and "no goal set" in table
     assert "kNN probe, encoder − random init" in table and "simmim vs scratch" in table
+    assert f"std of the per-seed gaps {gap['spread']:.2f}" in table
+    # the probe goal is judged at the last block, fixed before the probes ran
+    linear = probe["encoder"]["linear"]
+    last_gain = linear[last]["top1"] - probe["random_init"]["linear"][last]["top1"]
+    assert f"Linear probe, encoder − random init: **{last_gain:+.2f}** points at the last block ({last}) " \
+        f"(expected ≥ +15.0: {'met' if last_gain >= 15 else 'not met'})" in table  # fmt: skip
     assert "Partial fine-tune probe, encoder − random init" in table and "Partial fine-tune top-1 |" in table
     for png in ("label_efficiency.png", "pretraining_length.png", "pretraining.png", "probe/probe.png",
                 "reconstruction/reconstructions.png"):  # fmt: skip
@@ -327,6 +337,48 @@ def test_a_finished_stage_made_otherwise_is_not_reused(study, tmp_path):
     changed = write_spec(tmp_path, output_dir=str(out), student_overrides=["train.epochs=4"])
     with pytest.raises(ValueError, match="was made by .* use another output directory"):
         run_study(load_spec(changed))
+
+
+def test_an_edited_recipe_is_not_reused_finished_or_resumed(study):
+    """The arguments name the recipe, not what it says: an edit shows in the run's saved config."""
+    spec, out = study
+    recipe = spec.parent / "student.yaml"
+    original = recipe.read_text()
+    try:
+        recipe.write_text(yaml.safe_dump({**RECIPES["student"], "optim": {**RECIPES["student"]["optim"],
+                                                                          "weight_decay": 0.1}}))  # fmt: skip
+        with pytest.raises(ValueError, match=r"ran with other settings than this study gives it "
+                                             r"\(optim.weight_decay: 0.05 -> 0.1\)"):  # fmt: skip
+            run_study(load_spec(spec))
+    finally:
+        recipe.write_text(original)
+
+
+def test_a_comparison_pairs_seeds_and_flags_arms_trained_in_other_precisions():
+    from types import SimpleNamespace
+
+    from simmim.study.report import _comparison, _comparison_lines
+
+    def arm(seeds, top1, precision):
+        return {"fractions": {"0.1": {"seeds": seeds, "top1": top1, "precision": precision,
+                                      "top1_mean_std": (sum(top1) / len(top1), 0.0)}}}  # fmt: skip
+
+    arms = {
+        "simmim": {**arm([0, 1, 2], [60.0, 64.0, 70.0], ["bf16", "bf16", "fp32"]), "label": "SimMIM"},
+        "scratch": {**arm([0, 2], [50.0, 58.0], ["bf16", "bf16"]), "label": "Scratch"},
+    }
+    c = _comparison(SimpleNamespace(arm="simmim", baseline="scratch", fraction=0.1, expected=10.0), arms)
+    assert c["paired_seeds"] == [0, 2] and c["paired_gaps"] == [10.0, 12.0]  # seed 1 has no pair
+    assert c["gap"] == 11.0 and c["spread"] == pytest.approx(2**0.5)
+    assert c["met"] and c["difference_of_means"] == pytest.approx(64.666667 - 54.0)
+    assert c["precisions_differ"] and c["precision"] == {0: ("bf16", "bf16"), 2: ("fp32", "bf16")}
+    line = _comparison_lines({"comparisons": [c], "arms": arms,
+                              "comparison_settings": ["x differ in: init"]})[0]  # fmt: skip
+    assert "**+11.00** points" in line and "1 seed(s) without a pair left out" in line and ": met." in line
+    assert "trained in different precisions** (seed 0: bf16 vs bf16, seed 2: fp32 vs bf16)" in line
+    one = _comparison(SimpleNamespace(arm="simmim", baseline="scratch", fraction=0.1, expected=10.0),
+                      {**arms, "scratch": {**arm([0], [50.0], ["bf16"]), "label": "Scratch"}})  # fmt: skip
+    assert one["met"] is None and math.isnan(one["spread"])  # one pair: no spread, so no verdict
 
 
 def test_a_failing_stage_stops_the_study_with_the_resume_hint(tmp_path):

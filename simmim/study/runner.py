@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from simmim.config import load_config
 from simmim.errors import StageFailed
+from simmim.rundir import ABSENT, config_changes
 from simmim.study.fairness import describe_comparisons
 from simmim.study.plan import Stage, plan
 from simmim.study.report import write_report
@@ -48,14 +50,44 @@ def run_stage(stage: Stage, launcher: list[str]) -> float:
     return record["seconds"]
 
 
+# Settings a run resolves from the machine or the launch, not from the study: they may differ between the
+# sessions of one study (the loader's workers follow the CPUs, train.fsdp the launcher, and data.mean and
+# data.std are filled from the data for data.normalize=dataset).
+_RESOLVED_AT_RUN = ("data.num_workers", "train.fsdp", "data.mean", "data.std")
+
+
+def _changed_settings(stage: Stage) -> list[str]:
+    """The settings in which the study's config for `stage` differs from the one its run started with, as
+    "key: saved -> now"; keys that only one version of simmim knows are not settings of this study."""
+    if stage.config is None:
+        return []
+    cfg = load_config(*stage.config)
+    changes = config_changes(stage.directory, cfg)
+    return [
+        f"{key}: {old!r} -> {new!r}"
+        for key, (old, new) in changes.items()
+        if key not in _RESOLVED_AT_RUN and old is not ABSENT and new is not ABSENT
+    ]
+
+
 def _check_reuse(stages: list[Stage]) -> None:
-    """A finished stage is reused only if the study would run it the same way."""
+    """A stage, finished or interrupted, is reused (or resumed) only if the study would run it the same way:
+    the same arguments, and the same resolved config as its run saved (an edited recipe shows there)."""
     for stage in stages:
+        if stage.pending:
+            continue
         ran = stage.record.get("args")
-        if stage.record["done"] and not stage.pending and ran is not None and ran != stage.args:
+        if stage.record["done"] and ran is not None and ran != stage.args:
             raise ValueError(
                 f"{stage.directory} was made by `{shlex.join(ran)}`, this study runs `{shlex.join(stage.args)}`: "
                 "use another output directory (--out) or delete that stage"
+            )
+        changed = _changed_settings(stage)
+        if changed:
+            shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
+            raise ValueError(
+                f"{stage.directory} ran with other settings than this study gives it ({shown}): restore the "
+                "recipe, or use another output directory (--out) or delete that stage"
             )
 
 

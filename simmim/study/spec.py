@@ -80,7 +80,7 @@ class StudySpec:
     sweep: Sweep | None = None
     curve: Curve | None = None
     probe: tuple[str, ...] = ()  # extra eval_probe.py arguments, e.g. ["--layers", "2", "4", "6"]
-    probe_goal: float | None = None  # the gain over random init (points, best block) the study expects...
+    probe_goal: float | None = None  # the gain over random init (points, last block) the study expects...
     probe_goal_on: str = "linear"  # ... of this probe: "linear" (the headline probe), "knn" or "partial"
     pretrain_overrides: tuple[str, ...] = ()
     teacher_overrides: tuple[str, ...] = ()
