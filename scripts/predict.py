@@ -60,9 +60,11 @@ def main() -> int:
                 print(f"skipped {f}: {error}", file=sys.stderr)
         if not chunk:
             continue
-        # 8-bit images come as PIL images (rescaled by the processor), the others as [0, 1] float tensors
+        # 8-bit images come as PIL images or uint8 tensors (rescaled by the processor), the others as [0, 1]
+        # float tensors
+        eight_bit = [isinstance(image, Image.Image) or image.dtype == torch.uint8 for _, image in chunk]
         pixel_values = torch.cat(
-            [processor(image, do_rescale=isinstance(image, Image.Image))["pixel_values"] for _, image in chunk]
+            [processor(image, do_rescale=rescale)["pixel_values"] for (_, image), rescale in zip(chunk, eight_bit)]
         )
         with torch.no_grad():
             probs = logits_of(model(pixel_values)).softmax(-1)

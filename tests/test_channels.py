@@ -333,7 +333,7 @@ def test_colour_spaces_and_alpha_in_any_bit_depth():
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA"])
-def test_alpha_taken_as_a_band_keeps_the_other_bands_through_every_resize(mode):
+def test_alpha_taken_as_a_band_keeps_the_other_bands_through_every_resize(mode, tmp_path):
     """A 4-band (2-band) model reads RGBA (LA) as data: resizing must not multiply the other bands by the
     last, as PIL's resize does. One colour everywhere under a random last band: the colour stays exact."""
     bands = len(mode)
@@ -359,6 +359,16 @@ def test_alpha_taken_as_a_band_keeps_the_other_bands_through_every_resize(mode):
         assert out[-1].max() <= 3 / 255 + 1e-6  # the last band is resized as the others, not composited
     # the evaluation transform and the image processor still give the same pixels
     torch.testing.assert_close(outputs[1], outputs[3], atol=1e-6, rtol=0)
+    # the dataset's statistics see the bands in [0, 1], as the model does
+    for i in range(2):
+        path = tmp_path / "data" / "ab"[i] / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+    stats = channel_statistics(open_source(str(tmp_path / "data"), "train", val_fraction=0.0), bands,
+                               samples=None, progress=False)  # fmt: skip
+    every = values.reshape(-1, bands).astype(np.float64) / 255
+    np.testing.assert_allclose(stats.mean, every.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(stats.std, every.std(0), rtol=1e-6, atol=1e-9)
 
 
 def test_rand_augment_fills_float_images_in_their_scale():

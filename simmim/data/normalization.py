@@ -74,12 +74,13 @@ class DatasetStatistics:
 
 
 def _as_array(pixels: Image.Image | torch.Tensor) -> np.ndarray:
-    """`to_model_pixels`' output as float64 (C, H * W) in [0, 1]."""
+    """`to_model_pixels`' output (a PIL image, a uint8 or a float tensor) as float64 (C, H * W) in [0, 1]."""
     if isinstance(pixels, Image.Image):
         values = np.asarray(pixels, dtype=np.float64) / 255.0
         values = values[:, :, None] if values.ndim == 2 else values
         return values.reshape(-1, values.shape[-1]).T
-    return pixels.reshape(pixels.shape[0], -1).double().numpy()
+    values = pixels.reshape(pixels.shape[0], -1).double()
+    return (values / 255.0 if pixels.dtype == torch.uint8 else values).numpy()  # 8-bit RGBA/LA bands as uint8
 
 
 def channel_statistics(

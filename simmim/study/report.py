@@ -273,7 +273,7 @@ def _comparison_lines(r: dict[str, Any]) -> list[str]:
         goal = "no goal" if c["expected"] is None else f"expected ≥ {c['expected']:+.1f}"
         paired = ", ".join(f"{g:+.2f} (seed {s})" for s, g in zip(c["paired_seeds"], c["paired_gaps"]))
         # With one pair there is no spread to compare the gap with: say so, not "std 0.00".
-        spread = "one pair, no spread" if n < 2 else f"std of the per-seed gaps {c['spread']:.2f}"
+        spread = "no pair" if n == 0 else "one pair, no spread" if n == 1 else f"std of the per-seed gaps {c['spread']:.2f}"
         unpaired = "" if n == max(c["seeds"]) else f"; {max(c['seeds']) - n} seed(s) without a pair left out"
         differ = ""
         if c["precisions_differ"]:

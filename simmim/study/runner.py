@@ -51,9 +51,11 @@ def run_stage(stage: Stage, launcher: list[str]) -> float:
 
 
 # Settings a run resolves from the machine or the launch, not from the study: they may differ between the
-# sessions of one study (the loader's workers follow the CPUs, train.fsdp the launcher, and data.mean and
-# data.std are filled from the data for data.normalize=dataset).
-_RESOLVED_AT_RUN = ("data.num_workers", "train.fsdp", "data.mean", "data.std")
+# sessions of one study (the loader's workers follow the CPUs; FSDP's settings follow an accelerate launch
+# config, simmim.launch.follow_launcher).
+_RESOLVED_AT_RUN = (
+    "data.num_workers", "train.fsdp", "train.fsdp_reshard_after_forward", "train.activation_checkpointing"
+)  # fmt: skip
 
 
 def _changed_settings(stage: Stage) -> list[str]:
@@ -62,11 +64,14 @@ def _changed_settings(stage: Stage) -> list[str]:
     if stage.config is None:
         return []
     cfg = load_config(*stage.config)
+    resolved = list(_RESOLVED_AT_RUN)
+    if cfg.data.normalize == "dataset" and cfg.data.mean is None:
+        resolved += ["data.mean", "data.std"]  # filled from the data when the run starts
     changes = config_changes(stage.directory, cfg)
     return [
         f"{key}: {old!r} -> {new!r}"
         for key, (old, new) in changes.items()
-        if key not in _RESOLVED_AT_RUN and old is not ABSENT and new is not ABSENT
+        if key not in resolved and old is not ABSENT and new is not ABSENT
     ]
 
 
