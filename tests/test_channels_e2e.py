@@ -58,13 +58,16 @@ def _tiff(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def run_script(script: str, args: list[str], monkeypatch, capsys) -> str:
-    """scripts/<script> in this process (its imports are already paid for); returns its stdout."""
+def run_script(script: str, args: list[str], monkeypatch, capsys, stderr: list[str] | None = None) -> str:
+    """scripts/<script> in this process (its imports are already paid for); returns its stdout, and appends
+    its stderr to `stderr` when given."""
     monkeypatch.setattr("sys.argv", [script, *args])
     with pytest.raises(SystemExit) as exit_code:
         runpy.run_path(str(ROOT / "scripts" / script), run_name="__main__")
     captured = capsys.readouterr()
     assert exit_code.value.code == 0, captured.err[-2000:]
+    if stderr is not None:
+        stderr.append(captured.err)
     return captured.out
 
 
@@ -156,3 +159,35 @@ def test_grey_16bit_pretrain_probe_finetune_and_predict(tmp_path, monkeypatch, c
     lines = run_script("predict.py", ["--model", str(out / "export"), str(data / "left" / "0.png")],
                        monkeypatch, capsys).splitlines()  # fmt: skip
     assert len(lines) == 1 and json.loads(lines[0])["predictions"][0]["label"] in ("left", "right")
+
+
+def test_rgba_for_a_four_band_classifier_predicts_from_every_band(tmp_path, monkeypatch, capsys):
+    """predict.py on RGBA for a 4-band model: the alpha band is data, so a near-transparent image of one
+    colour reaches the model as that colour, whatever the resizes (PIL's RGBA resize would premultiply it
+    away), and an RGB image is skipped with its reason. Checked against the model on hand-made pixels."""
+    from simmim.exports import export_model, new_deit
+    from simmim.models import DeiTForImageClassification
+
+    mean, std = [0.4, 0.3, 0.2, 0.5], [0.2, 0.25, 0.3, 0.1]
+    cfg = load_config(FinetuneConfig, None, [f"output_dir={tmp_path}", "model.num_channels=4",
+                      "model.head=cls", f"data.mean={mean}", f"data.std={std}", *TINY_MODEL])  # fmt: skip
+    id2label = {0: "dim", 1: "bright"}
+    torch.manual_seed(0)
+    model = new_deit(DeiTForImageClassification, cfg.model, id2label=id2label,
+                     label2id={v: k for k, v in id2label.items()}).eval()  # fmt: skip
+    export_model(model, tmp_path / "export", cfg, id2label)
+    colour = (200, 100, 50, 2)  # near-transparent, and not the model's size: resized, then center-cropped
+    Image.new("RGBA", (45, 37), colour).save(tmp_path / "a.png")
+    Image.new("RGB", (45, 37), colour[:3]).save(tmp_path / "b.png")
+    err: list[str] = []
+    out = run_script("predict.py", ["--model", str(tmp_path / "export"), "--top-k", "2",
+                     str(tmp_path / "a.png"), str(tmp_path / "b.png")], monkeypatch, capsys, err)  # fmt: skip
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [Path(line["image"]).name for line in lines] == ["a.png"]
+    assert f"skipped {tmp_path / 'b.png'}" in err[0] and "4" in err[0]
+    # the model on the colour normalised by hand, everywhere
+    pixels = (torch.tensor(colour) / 255 - torch.tensor(mean)) / torch.tensor(std)
+    with torch.no_grad():
+        probs = model(pixels[None, :, None, None].expand(1, 4, 32, 32)).logits.softmax(-1)[0]
+    expected = {id2label[i]: p for i, p in enumerate(probs.tolist())}
+    assert {p["label"]: p["score"] for p in lines[0]["predictions"]} == pytest.approx(expected, abs=1e-5)
