@@ -19,6 +19,7 @@ import argparse
 import sys
 
 from simmim.cli import run_main
+from simmim.config import default_num_workers
 from simmim.evaluation.probe import POOLS, PROBES, probe_checkpoint
 
 
@@ -51,7 +52,10 @@ def main() -> int:
     )
     parser.add_argument("--no-random-init", action="store_true", help="skip the random-init baseline")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument(
+        "--num-workers", type=int, default=default_num_workers(),
+        help="loader workers (default: as data.num_workers, from the CPUs this process may use, at most 4)",
+    )
     parser.add_argument("--bf16", action="store_true", help="extract features under bfloat16 autocast")
     parser.add_argument("--seed", type=int, default=0, help="subsets, the holdout carve and the random init")
     args = parser.parse_args()

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from simmim.cli import run_main
-from simmim.config import MaskConfig
+from simmim.config import MaskConfig, default_num_workers
 from simmim.evaluation.reconstruction import evaluate_checkpoint
 
 
@@ -34,7 +34,10 @@ def main() -> int:
     )
     parser.add_argument("--image-size", type=int, help="default: the model's")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument(
+        "--num-workers", type=int, default=default_num_workers(),
+        help="loader workers (default: as data.num_workers, from the CPUs this process may use, at most 4)",
+    )
     parser.add_argument("--bf16", action="store_true", help="run the models under bfloat16 autocast")
     parser.add_argument(
         "--display-bands",

@@ -343,7 +343,7 @@ class TrainConfig:
     compile: Bool | Literal["auto"] = Field(
         "auto",
         description='torch.compile the model; "auto" = where it was measured to win and the run repays it '
-        "(bf16 on a CPU, 1,000 steps or more; see simmim/compilation.py)",
+        "(bf16 on a CPU, 3,000 steps or more; see simmim/compilation.py)",
     )
     fsdp: Bool = Field(
         False,

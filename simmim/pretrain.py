@@ -211,8 +211,9 @@ class PretrainTask(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int, log: RunLog) -> dict[str, float]:
         """Masked L1 on (up to `train.eval_batches` batches of) the held-out split, and a grid of them. With
-        loss.norm_target, masked_l1 is still in pixels (comparable with raw-target runs) and
-        masked_l1_target is the training loss's."""
+        loss.norm_target, masked_l1 is in pixels, the predictions mapped back with each image's window
+        statistics (masked pixels included, so not comparable with a raw-target run's), and masked_l1_target
+        is the training loss's."""
         cfg, acc, p = self.cfg, self.accelerator, self.cfg.model.patch_size
         loader = evaluation_loader(self.val_set, cfg, acc, collate_pretrain)
         # (sum of per-batch pixel loss * images, images, sum of per-batch target loss * images)

@@ -98,11 +98,20 @@ def test_pretraining_and_its_evaluation_with_the_normalised_target(tmp_path):
     assert compile_record["compiled"] is False and "fp32 on a CPU" in compile_record["why"]
     assert evaluation["masked_l1"] > 0 and evaluation["masked_l1_target"] > 0
     assert evaluation["masked_l1"] != evaluation["masked_l1_target"]
+    # ... and TensorBoard holds the loader wait and the grid of the predictions mapped back to pixels
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(out / "tb"), size_guidance={"images": 0}).Reload().Tags()
+    assert {"train/data_wait_fraction", "train/data_wait_s"} <= set(tags["scalars"])
+    assert "eval/reconstructions" in tags["images"]
     result = run(
         "eval_reconstruction.py",
         ["--checkpoint", str(out / "export"), "--data", "synthetic", "--num-images", "2", "--out", str(out / "eval")],
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
-    assert "7-px window" in metrics["reconstruction_space"]
+    assert "7-px window" in metrics["reconstruction_space"] and "7-px window" in result.stdout
+    # the baseline the mapping back gives for free: each masked pixel's window mean, scored as the model is
+    assert set(metrics["baselines"]) == {"mean_fill", "random_init", "window_mean"}
+    assert "window mean" in result.stdout
     assert (out / "eval" / "reconstructions.png").is_file()

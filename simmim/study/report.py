@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from simmim.evaluation.probe import PLOT_FILE
+from simmim.evaluation.reconstruction import baselines_text
 from simmim.rundir import LOG_FILE, METRICS_FILE
 from simmim.study.fairness import chosen_candidate, describe_comparisons, final_top1
 from simmim.study.plan import plan
@@ -328,7 +329,7 @@ def _probe_table(m: dict[str, Any], probe_goal: float | None, goal_on: str = "li
     header = " | ".join(f"{PROBE_NAMES[p]} | {PROBE_NAMES[p]}, random init" for p in probes)
     lines = ["", f"Probes of the final encoder ({m['train_images']} train / {m['val_images']} validation images, "
              f"{m['pool']} pooling of the patch tokens), top-1 (%) by block (the partial fine-tune trains the "
-             "last block only):", "", f"| Block | {header} |", "|---|" + "---|---|" * len(probes)]  # fmt: skip
+             "last block, the final LayerNorm and a new head):", "", f"| Block | {header} |", "|---|" + "---|---|" * len(probes)]  # fmt: skip
     for layer in map(str, sorted({int(k) for p in probes for k in m["encoder"][p]})):
         row = [
             m.get(w, {}).get(p, {}).get(layer, {}).get("top1")
@@ -361,12 +362,10 @@ def _probe_table(m: dict[str, Any], probe_goal: float | None, goal_on: str = "li
 
 
 def _reconstruction_line(rec: dict[str, Any]) -> list[str]:
-    """The pretrained model's masked L1 beside its two baselines."""
-    base = rec["baselines"]
+    """The pretrained model's masked L1 beside its baselines, and the space it is measured in."""
     return ["", f"Reconstruction of the pretrained model on {rec['num_images']} validation images (mask ratio "
             f"{rec['mask_ratio']}, mask patch {rec['mask_patch_size']} px): masked L1 {rec['masked_l1']:.4f} "
-            f"(mean-colour fill {base['mean_fill']['masked_l1']:.4f}, random init "
-            f"{base['random_init']['masked_l1']:.4f})."]  # fmt: skip
+            f"({baselines_text(rec, 'masked_l1')}), in {rec.get('reconstruction_space', 'pixels')}."]  # fmt: skip
 
 
 def _figures(spec: StudySpec, r: dict[str, Any], out: Path) -> list[str]:
@@ -421,7 +420,8 @@ def plot_label_efficiency(spec: StudySpec, r: dict[str, Any], path: Path) -> Non
 
 
 def plot_pretraining_length(curve: list[dict[str, Any]], path: Path) -> None:
-    """Fine-tune top-1 and the probes (best block; the partial fine-tune's last) against pretraining epochs."""
+    """Fine-tune top-1 and the probes at the last block (where the probe goal is judged; the best block is
+    chosen on the split it is scored on) against pretraining epochs."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     done = [p for p in curve if p["top1"] is not None]
@@ -430,9 +430,9 @@ def plot_pretraining_length(curve: list[dict[str, Any]], path: Path) -> None:
         pts = [p for p in curve if p["probe"] and probe in p["probe"]]
         ax.plot(
             [p["epoch"] for p in pts],
-            [p["probe"][probe]["best"] for p in pts],
+            [p["probe"][probe]["last"] for p in pts],
             "s--",
-            label=f"{probe} probe (best block)",
+            label=f"{probe} probe (last block)",
         )
     ax.set(xlabel="SimMIM pretraining epochs (0 = random init)", ylabel="validation top-1 (%)",
            title="what pretraining length buys")  # fmt: skip
