@@ -12,6 +12,8 @@ model's section also times that update alone against torch's default one.
     python benchmarks/train_step.py --device cpu --threads 2 --steps 10 --study-model --compile
     python benchmarks/train_step.py --device cpu --threads 2 --steps 6 --study-model --compile --max-autotune \
         --skip-peer                                        # also inductor's max-autotune mode (slow to compile)
+    python benchmarks/train_step.py --device cpu --threads 2 --steps 6 --study-model --compile --skip-peer \
+        --norm-target 15                                   # the study's loss: SimMIM's normalised target
 
 Both models start from the same weights (ours written with save_pretrained, read by Transformers) and see
 the same images and the same mask (60% of the 14x14 patches of each image). Each round runs every variant
@@ -40,8 +42,10 @@ from contextlib import nullcontext
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from simmim.config import LossConfig
 from simmim.models import DeiTConfig, DeiTForMaskedImageModeling
 from simmim.precision import cpu_flags
+from simmim.pretrain import simmim_loss
 
 MATMUL_CEILING_TARGET = 0.85  # the step's matmul work rate as a share of the CPU's matmul ceiling
 
@@ -141,9 +145,16 @@ def fixed_mask(batch_size: int, num_patches: int, ratio: float, seed: int = 0) -
 
 
 def make_step(
-    model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | None, device: str
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    dtype: torch.dtype | None,
+    device: str,
+    loss: LossConfig | None = None,
 ) -> Callable[[], float]:
-    """A closure running one optimisation step and returning its wall time in seconds."""
+    """A closure running one optimisation step and returning its wall time in seconds. With `loss`, the loss
+    is simmim's training loss of that config, computed outside the model as the engine does (so outside a
+    compiled graph: the normalised target's window statistics included); without, the model's own."""
     # Fused, as simmim's engine builds it and as Transformers' Trainer does by default (optim=
     # "adamw_torch_fused" with torch >= 2.8): the two steps differ in the model alone.
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
@@ -154,8 +165,10 @@ def make_step(
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=dtype) if dtype is not None else nullcontext():
-            loss = model(pixel_values=x, bool_masked_pos=mask).loss
-        loss.backward()
+            out = model(pixel_values=x, bool_masked_pos=mask)
+        p = model.config.patch_size
+        value = out.loss if loss is None else simmim_loss(loss, x, out.reconstruction, mask, p)
+        value.backward()
         optimizer.step()
         sync()
         return time.perf_counter() - start
@@ -204,16 +217,25 @@ def main() -> None:
         help="with --study-model --compile: rows compiled with mode=max-autotune too (inductor's GEMM templates)",
     )
     parser.add_argument("--skip-peer", action="store_true", help="only the study model (no Transformers)")
+    parser.add_argument(
+        "--norm-target",
+        type=int,
+        metavar="WINDOW",
+        help="with --study-model: train it on SimMIM's normalised target with this window, as the study does",
+    )
     args = parser.parse_args()
     if args.max_autotune and not (args.study_model and args.compile):
         parser.error("--max-autotune: expected with --study-model --compile")
+    if args.norm_target is not None and not args.study_model:
+        parser.error("--norm-target: expected with --study-model")
+    loss = None if args.norm_target is None else LossConfig(norm_target=True, norm_target_window=args.norm_target)
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     if args.device == "cpu":
         print(describe_cpu())
     if not args.skip_peer:
         compare_with_transformers(args)
     if args.study_model:
-        time_study_model(args)
+        time_study_model(args, loss)
 
 
 def compare_with_transformers(args: argparse.Namespace) -> None:
@@ -298,8 +320,9 @@ def print_matmul_share(name: str, rate: float, ceiling: float) -> None:
     )
 
 
-def time_study_model(args: argparse.Namespace) -> None:
-    """The CPU study's model, simmim only: fp32 and bf16, eager and (with --compile) compiled, interleaved."""
+def time_study_model(args: argparse.Namespace, loss: LossConfig | None = None) -> None:
+    """The CPU study's model, simmim only: fp32 and bf16, eager and (with --compile) compiled, interleaved;
+    trained on `loss` (simmim's training loss of that config) if given, else on the model's own loss."""
     steps = args.steps if args.steps is not None else 20
     warmup = args.warmup if args.warmup is not None else 2
     config, batch = study_model(), args.study_batch_size
@@ -326,12 +349,13 @@ def time_study_model(args: argparse.Namespace) -> None:
             if compiled:
                 model.compile(mode=mode)
             name = label + {None: "", "default": " compiled", "max-autotune": " max-autotune"}[mode]
-            steps_of[name] = make_step(model, x, mask, dtype, args.device)
+            steps_of[name] = make_step(model, x, mask, dtype, args.device, loss)
             if compiled:  # the first step compiles: timed on its own
                 compile_seconds[name] = steps_of[name]()
     times = interleaved_times(steps_of, warmup, steps)
+    target = "raw pixels" if loss is None else f"the normalised target, window {loss.norm_target_window} px"
     print(
-        f"\nThe CPU study's model (6 blocks, 192 wide, 64 px, patch 8), batch {batch}: "
+        f"\nThe CPU study's model (6 blocks, 192 wide, 64 px, patch 8), batch {batch}, loss on {target}: "
         f"{flops / batch / 1e9:.3f} GFLOP per image; {warmup} warm-up + {steps} timed rounds"
     )
     print(f"{'variant':<20}{'median s/step':>15}{'min s/step':>12}{'img/s':>9}{'vs eager':>10}")

@@ -69,7 +69,8 @@ def test_the_step_profile_runs_and_accounts_for_the_matmuls():
 def test_the_study_model_step_reports_its_matmul_share_of_the_ceiling():
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--device", "cpu", "--threads", "1",
-         "--skip-peer", "--study-model", "--steps", "1", "--warmup", "0", "--study-batch-size", "2"],
+         "--skip-peer", "--study-model", "--steps", "1", "--warmup", "0", "--study-batch-size", "2",
+         "--norm-target", "5"],
         env=script_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -79,6 +80,7 @@ def test_the_study_model_step_reports_its_matmul_share_of_the_ceiling():
     per_image = float(result.stdout.split("GFLOP per image")[0].split()[-1])
     assert 3 * 6 * 65 * 884_736 / 1e9 < per_image < 1.1, result.stdout
     assert "fp32: matmul work" in result.stdout and "ceiling" in result.stdout
+    assert "loss on the normalised target, window 5 px" in result.stdout
     assert "AdamW update of the study model (2.76 M parameters): torch's default" in result.stdout
 
 

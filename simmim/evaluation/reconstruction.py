@@ -3,7 +3,7 @@ grid of reconstructions. `scripts/eval_reconstruction.py` is the command line.
 
 Baselines: (a) every masked pixel filled with its image's mean visible colour, (b) a randomly initialised
 model of the same config, (c) for a normalised-target model, a prediction of zero in the target space: each
-pixel's window mean, which the mapping back to pixels gives for free. All see exactly the masks the model sees.
+pixel's window mean, which the mapping back to pixels gives for free. All see the masks the model sees.
 """
 
 from __future__ import annotations
@@ -188,7 +188,9 @@ def baselines_text(summary: dict[str, Any], metric: str, unit: str = "") -> str:
     fmt = "{:.2f}" if metric.endswith("psnr") else "{:.4f}"
     base = summary["baselines"]
     return ", ".join(
-        f"{words} {fmt.format(base[name][metric])}{unit}" for name, words in BASELINE_NAMES.items() if name in base
+        f"{words} {fmt.format(base[name][metric])}{unit}"
+        for name, words in BASELINE_NAMES.items()
+        if name in base
     )
 
 

@@ -352,7 +352,8 @@ def _probe_table(m: dict[str, Any], probe_goal: float | None, goal_on: str = "li
         best, last = max(gains, key=gains.get), max(gains, key=int)
         goal = ""
         if probe_goal is not None and probe == goal_on:
-            goal = f" (expected ≥ {probe_goal:+.1f}: {'met' if gains[last] >= probe_goal else 'not met'})"
+            verdict = "met" if gains[last] >= probe_goal else "not met"
+            goal = f" (expected ≥ {probe_goal:+.1f}: {verdict}, on one probe run: its spread is not measured)"
         lines.append(
             f"- {PROBE_NAMES[probe]} probe, encoder − random init: **{gains[last]:+.2f}** points at the "
             f"last block ({last}){goal}; the largest gain, {gains[best]:+.2f} at block {best}, is chosen on "
