@@ -154,7 +154,8 @@ def make_step(
 ) -> Callable[[], float]:
     """A closure running one optimisation step and returning its wall time in seconds. With `loss`, the loss
     is simmim's training loss of that config, computed outside the model as the engine does (so outside a
-    compiled graph: the normalised target's window statistics included); without, the model's own."""
+    compiled graph; the engine computes it under autocast, but the window statistics are float32/float64
+    either way); without, the model's own."""
     # Fused, as simmim's engine builds it and as Transformers' Trainer does by default (optim=
     # "adamw_torch_fused" with torch >= 2.8): the two steps differ in the model alone.
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)

@@ -4,7 +4,8 @@
     accelerate launch scripts/eval_reconstruction.py --checkpoint runs/pt/export \
         --data ../shared/data/imagenette --num-images 8 --out runs/pt/eval
 
-Writes metrics.json (masked/visible L1, MSE and PSNR, with the mean-colour and random-init baselines),
+Writes metrics.json (masked/visible L1, MSE and PSNR, with the mean-colour and random-init baselines, and
+for a normalised-target model the window mean that mapping its predictions back to pixels gives for free),
 per_image.csv and reconstructions.png (original | masked | reconstruction | reconstruction pasted into the
 visible pixels). Masks are drawn from --seed, so two runs give identical numbers.
 """

@@ -3,7 +3,7 @@
 Layout of `output_dir/checkpoints/` (the names: `simmim.rundir`):
     index.json            {"latest": "step_00000100", "checkpoints": [... oldest first]}, replaced atomically
     step_00000100/        accelerate's state (model.safetensors, optimizer.bin, random_states_*.pkl, ...)
-                          + trainer_state.json (step, counters) + extra safetensors files (EMA weights)
+                          + trainer_state.json (step, counters, compiled) + extra safetensors files (EMA weights)
                           + each process's own JSON files, e.g. stream_position_<rank>.json (a stream's
                             loader state)
 A checkpoint is first written to `.tmp-step_...` and renamed once complete, and the index changes only
@@ -160,6 +160,12 @@ class CheckpointManager:
             )
         self.accelerator.load_state(str(path))
         return json.loads((path / TRAINER_STATE).read_text()), path
+
+    @staticmethod
+    def trainer_state(path: Path) -> dict[str, Any]:
+        """Checkpoint `path`'s trainer_state.json alone (the step, the counters, the compile choice), read
+        before the model is built."""
+        return json.loads((path / TRAINER_STATE).read_text())
 
     @staticmethod
     def load_tensors(path: Path, file: str) -> dict[str, torch.Tensor]:

@@ -28,14 +28,26 @@ CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
 def choose_compile(
-    setting: bool | str, mixed_precision: str, device_type: str, total_steps: int
+    setting: bool | str,
+    mixed_precision: str,
+    device_type: str,
+    total_steps: int,
+    first_choice: bool | None = None,
 ) -> tuple[bool, str]:
     """`train.compile` -> (whether to compile, why), for a run of `total_steps` optimizer steps under
-    accelerate's `mixed_precision` ("no", "bf16", "fp16") on a `device_type` device."""
+    accelerate's `mixed_precision` ("no", "bf16", "fp16") on a `device_type` device. `first_choice`: what
+    "auto" chose when the run first started (its checkpoint says), which a resume keeps."""
     if isinstance(setting, bool):
         return setting, f"train.compile={str(setting).lower()}"
     if setting != "auto":
         raise ValueError(f'train.compile={setting!r}: expected true, false or "auto"')
+    if first_choice is not None:
+        # Compiled and eager steps differ in the last bits: a resume on another CPU, or under a rule changed
+        # since, keeps the first start's choice so that it ends with the weights of an uninterrupted run.
+        return first_choice, (
+            f"train.compile=auto: {'compiled' if first_choice else 'eager'} as the run's first start chose "
+            "(its checkpoint says), so that the resume is exact"
+        )
     if device_type != "cpu":
         return False, (
             f"train.compile=auto: not yet measured on {device_type} (benchmarks/gpu.sh measures it); "
@@ -50,8 +62,7 @@ def choose_compile(
             f"train.compile=auto: {total_steps} steps, fewer than the {COMPILE_MIN_STEPS} that repay a "
             "compile (15-60 s cold) at the 1.03-1.20x it gives in bf16 on a CPU"
         )
-    # The run's total, not the steps left: a resume makes the same choice as its run (compiled and eager
-    # steps differ in the last bits), so that it ends with the same weights.
+    # The run's total, not the steps left: a resume on the same machine makes the same choice as its run.
     return True, f"train.compile=auto: bf16 on a CPU, measured 1.03-1.20x, over {total_steps} steps"
 
 

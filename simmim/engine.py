@@ -167,8 +167,11 @@ class TrainState:
         optimizer = torch.optim.AdamW(
             groups, lr=schedule.peak_lr, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=fused or None
         )
+        checkpoints = CheckpointManager(cfg.output_dir, acc, cfg.train.keep_last)
+        latest = checkpoints.latest()
+        first_choice = None if latest is None else checkpoints.trainer_state(latest).get("compiled")
         compiled = choose_compile(
-            cfg.train.compile, acc.mixed_precision, acc.device.type, schedule.total_steps
+            cfg.train.compile, acc.mixed_precision, acc.device.type, schedule.total_steps, first_choice
         )
         if compiled[0]:
             keep_cache_with_run(cfg.output_dir)  # a resume reuses the kernels compiled before
@@ -180,9 +183,7 @@ class TrainState:
             ema = sharding.ShardedEma(cfg.train.ema, model, unsharded)
         elif cfg.train.ema:
             ema = ModelEma(cfg.train.ema, acc.unwrap_model(model))
-        checkpoints = CheckpointManager(cfg.output_dir, acc, cfg.train.keep_last)
         state = cls(schedule, model, optimizer, ema, checkpoints, unsharded=unsharded, compiled=compiled)
-        latest = state.checkpoints.latest()
         if latest is not None:
             state.restore(latest, cfg, acc)
             acc.print(f"resuming from {latest} at step {state.step}/{schedule.total_steps}")
@@ -217,7 +218,8 @@ class TrainState:
         if self.unsharded is not None:
             rank = self.checkpoints.accelerator.process_index
             shards = lambda d: sharding.save(self.model, self.optimizer, d, rank, self.ema)  # noqa: E731
-        self.checkpoints.save(self.step, {"counters": self.counters.__dict__}, tensors, own, shards)
+        trainer_state = {"counters": self.counters.__dict__, "compiled": self.compiled[0]}
+        self.checkpoints.save(self.step, trainer_state, tensors, own, shards)
 
     @contextmanager
     def full_model(self, acc: Accelerator) -> Iterator[nn.Module]:

@@ -64,7 +64,7 @@ EXPORT_CONFIG = "simmim_config.yaml"  # the resolved run config, embedded in eve
 # Inside checkpoints/:
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_INDEX = "index.json"
-TRAINER_STATE = "trainer_state.json"  # the step and the counters
+TRAINER_STATE = "trainer_state.json"  # the step, the counters and the compile choice
 ACCELERATE_WEIGHTS = "model.safetensors"  # the model in accelerate's save_state
 EMA_WEIGHTS = "ema.safetensors"
 STREAM_POSITION = "stream_position.json"  # per process: stream_position_<rank>.json

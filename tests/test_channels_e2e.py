@@ -191,3 +191,8 @@ def test_rgba_for_a_four_band_classifier_predicts_from_every_band(tmp_path, monk
         probs = model(pixels[None, :, None, None].expand(1, 4, 32, 32)).logits.softmax(-1)[0]
     expected = {id2label[i]: p for i, p in enumerate(probs.tolist())}
     assert {p["label"]: p["score"] for p in lines[0]["predictions"]} == pytest.approx(expected, abs=1e-5)
+    # the check can tell colours apart: black under the same alpha (what premultiplying gives) scores otherwise
+    black = (torch.tensor([0, 0, 0, 2]) / 255 - torch.tensor(mean)) / torch.tensor(std)
+    with torch.no_grad():
+        other = model(black[None, :, None, None].expand(1, 4, 32, 32)).logits.softmax(-1)[0]
+    assert (other - probs).abs().max() > 1e-4

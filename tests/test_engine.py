@@ -178,6 +178,29 @@ def test_train_state_saves_and_resumes(tmp_path):
     assert resumed.step == 3 and resumed.counters.images_seen == 24 and resumed.counters.best["top1"] == 50.0
     for k, v in resumed.model.state_dict().items():
         torch.testing.assert_close(v, saved[k])
+    assert resumed.compiled[0] is False  # train.compile=auto in fp32 on a CPU, and the first start ran eager
+
+
+def test_a_resume_keeps_the_compile_choice_of_the_first_start(tmp_path, monkeypatch):
+    """train.compile=auto's rule can change (a new threshold) or give another answer on another CPU; a resume
+    keeps what the run's first start chose, since compiled and eager steps differ in the last bits."""
+    import simmim
+    from simmim.compilation import CACHE_ENV
+
+    monkeypatch.setattr(simmim, "INDUCTOR_CACHE_CHOSEN", None)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "inductor"))  # the compile cache is set for the run
+    state, _, _ = toy_state(tmp_path, accum=1)
+    state.compiled = (True, "its first start: bf16 on a CPU, a long run")
+    state.step = 2
+    state.save()
+    cfg = type("Cfg", (), {})()
+    cfg.output_dir, cfg.data, cfg.seed = tmp_path, DataConfig(batch_size=8), 0
+    cfg.optim, cfg.train = OptimConfig(warmup_epochs=0), TrainConfig(epochs=1, ema=None)
+    assert cfg.train.compile == "auto"  # which alone would not compile 8 fp32 steps on a CPU
+    resumed = TrainState.start(cfg, Toy(), Accelerator(cpu=True), 64)
+    assert resumed.compiled[0] is True and "as the run's first start chose" in resumed.compiled[1]
+    cfg.train = TrainConfig(epochs=1, ema=None, compile=False)  # an explicit setting still wins
+    assert TrainState.start(cfg, Toy(), Accelerator(cpu=True), 64).compiled == (False, "train.compile=false")
 
 
 def test_too_many_unreadable_images_name_the_intact_checkpoint(tmp_path):

@@ -137,3 +137,31 @@ def test_reconstruction_evaluation_builds_no_autograd_graph_and_grids_the_seeded
     for row, image in enumerate(originals):  # make_grid's layout: 2 px padding around 32 px cells
         top = 2 + row * 34
         torch.testing.assert_close(grid[:, top : top + 32, 2:34], image, atol=1e-5, rtol=0)
+
+
+def test_the_window_mean_baseline_is_a_zero_prediction_of_the_normalised_target():
+    """A normalised-target model whose decoder predicts 0 everywhere reconstructs each pixel as its window's
+    mean: its scores must be the window_mean baseline's, and differ from the mean-colour fill's."""
+    import torch
+    from accelerate import Accelerator
+
+    from simmim.data import MaskedImageDataset, eval_transform, open_source
+    from simmim.evaluation.reconstruction import evaluate_reconstruction
+    from simmim.masking import MaskGenerator
+    from simmim.models import DeiTForMaskedImageModeling
+
+    model = DeiTForMaskedImageModeling(tiny_config(num_hidden_layers=1))
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            p.zero_()
+    source = open_source("synthetic", "validation", synthetic_image_size=32)
+    dataset = MaskedImageDataset(source, eval_transform(32), MaskGenerator(32, 16, 8, 0.6))
+    summary, rows, _ = evaluate_reconstruction(
+        model, dataset, accelerator=Accelerator(cpu=True), mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=32,
+        seed=0, num_grid_images=0, norm_target_window=7,
+    )  # fmt: skip
+    for key in ("masked_l1", "masked_mse"):
+        assert summary[key] == pytest.approx(summary["baselines"]["window_mean"][key], rel=1e-6)
+        assert all(r[key] == pytest.approx(r[f"window_mean_{key}"], rel=1e-6) for r in rows)
+    assert abs(summary["masked_l1"] - summary["baselines"]["mean_fill"]["masked_l1"]) > 1e-3
+    assert "window_mean baseline" in summary["reconstruction_space"]

@@ -128,13 +128,13 @@ def evaluate_reconstruction(
             random_recon = random_model(
                 x, bool_masked_pos=m, interpolate_pos_encoding=resize
             ).reconstruction.float()
-        baselines = {"mean_fill": mean_fill_baseline(x, m, p)}
         if norm_target_window is not None:
             recon = targets_to_pixels(recon, x, norm_target_window)
             random_recon = targets_to_pixels(random_recon, x, norm_target_window)
-            # the mapping back alone: the window means, which already hold the masked pixels' surroundings
+        baselines = {"mean_fill": mean_fill_baseline(x, m, p), "random_init": random_recon}
+        if norm_target_window is not None:
+            # the mapping back alone: each pixel's window mean, whose window holds the masked pixels themselves
             baselines["window_mean"] = targets_to_pixels(torch.zeros_like(recon), x, norm_target_window)
-        baselines["random_init"] = random_recon
         ours = reconstruction_metrics(x, recon, m, patch_size=p, mean=mean, std=std)
         scored = {
             name: reconstruction_metrics(x, guess, m, patch_size=p, mean=mean, std=std)
@@ -179,7 +179,7 @@ def evaluate_reconstruction(
     return summary, rows, grid
 
 
-BASELINE_NAMES = {"mean_fill": "mean-colour fill", "window_mean": "window mean", "random_init": "random init"}
+BASELINE_NAMES = {"mean_fill": "mean-colour fill", "random_init": "random init", "window_mean": "window mean"}
 
 
 def baselines_text(summary: dict[str, Any], metric: str, unit: str = "") -> str:
