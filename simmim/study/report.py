@@ -354,10 +354,15 @@ def _probe_table(m: dict[str, Any], probe_goal: float | None, goal_on: str = "li
         if probe_goal is not None and probe == goal_on:
             verdict = "met" if gains[last] >= probe_goal else "not met"
             goal = f" (expected ≥ {probe_goal:+.1f}: {verdict}, on one probe run: its spread is not measured)"
+        largest = (
+            f"; the largest gain, {gains[best]:+.2f} at block {best}, is chosen on the validation split and so "
+            "optimistic"
+            if best != last
+            else "; the largest gain too"
+        )
         lines.append(
             f"- {PROBE_NAMES[probe]} probe, encoder − random init: **{gains[last]:+.2f}** points at the "
-            f"last block ({last}){goal}; the largest gain, {gains[best]:+.2f} at block {best}, is chosen on "
-            "the validation split and so optimistic"
+            f"last block ({last}){goal}{largest}"
         )
     return lines
 
