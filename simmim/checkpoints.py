@@ -159,7 +159,7 @@ class CheckpointManager:
                 "resume with the same number of processes"
             )
         self.accelerator.load_state(str(path))
-        return json.loads((path / TRAINER_STATE).read_text()), path
+        return self.trainer_state(path), path
 
     @staticmethod
     def trainer_state(path: Path) -> dict[str, Any]:

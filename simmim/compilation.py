@@ -8,9 +8,9 @@ repay the compile (docs/performance.md):
   step of about 0.31 s in three runs, 0.009-0.023 s a step, for a cold compile of 15-60 s. That repays
   itself after 650 to 6,400 steps, about 2,700 at the middle figures (1.05x, 40 s), hence
   COMPILE_MIN_STEPS = 3,000. A fourth run (a faster host, 0.26 s a step) gave only 1.01x: there a cold
-  compile would take about 20,000 steps to repay. Either way the stake is under a minute or a few percent of
-  a run. The kernels are kept with the run, so a resume does not pay the compile again. (AMX was not measured: its
-  faster matmuls leave the fused operators a larger share, so it follows the same rule.)
+  compile would take about 20,000 steps to repay. Either way the stake is under a minute or a few percent
+  of a run. The kernels are kept with the run, so a resume does not pay the compile again. (AMX was not
+  measured: its faster matmuls leave the fused operators a larger share, so it follows the same rule.)
 - not in fp32 on a CPU: 0.97x (default mode) and 1.00x (max-autotune) on an AVX2-only AMD EPYC, for a compile
   of about two minutes.
 - not on CUDA yet: benchmarks/gpu.sh measures it and has not run on a GPU; train.compile=true compiles there.

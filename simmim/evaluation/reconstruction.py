@@ -182,13 +182,13 @@ def evaluate_reconstruction(
 BASELINE_NAMES = {"mean_fill": "mean-colour fill", "random_init": "random init", "window_mean": "window mean"}
 
 
-def baselines_text(summary: dict[str, Any], metric: str, unit: str = "") -> str:
+def baselines_text(summary: dict[str, Any], metric: str) -> str:
     """The baselines of a summary (metrics.json) in words, e.g. "mean-colour fill 0.8592, random init 0.4622".
     Summaries written before the window-mean baseline have the other two."""
     fmt = "{:.2f}" if metric.endswith("psnr") else "{:.4f}"
     base = summary["baselines"]
     return ", ".join(
-        f"{words} {fmt.format(base[name][metric])}{unit}"
+        f"{words} {fmt.format(base[name][metric])}"
         for name, words in BASELINE_NAMES.items()
         if name in base
     )

@@ -329,7 +329,8 @@ def _probe_table(m: dict[str, Any], probe_goal: float | None, goal_on: str = "li
     header = " | ".join(f"{PROBE_NAMES[p]} | {PROBE_NAMES[p]}, random init" for p in probes)
     lines = ["", f"Probes of the final encoder ({m['train_images']} train / {m['val_images']} validation images, "
              f"{m['pool']} pooling of the patch tokens), top-1 (%) by block (the partial fine-tune trains the "
-             "last block, the final LayerNorm and a new head):", "", f"| Block | {header} |", "|---|" + "---|---|" * len(probes)]  # fmt: skip
+             "last block, the final LayerNorm and a new head):", "", f"| Block | {header} |",
+             "|---|" + "---|---|" * len(probes)]  # fmt: skip
     for layer in map(str, sorted({int(k) for p in probes for k in m["encoder"][p]})):
         row = [
             m.get(w, {}).get(p, {}).get(layer, {}).get("top1")
